@@ -1,0 +1,5 @@
+"""``python -m meterops`` runs the CLI."""
+
+from meterops.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The bus role: ``base.py`` holds the interface, one module per backend."""

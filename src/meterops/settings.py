@@ -1,0 +1,241 @@
+"""Typed settings, loaded once by an entry point and passed down.
+
+Precedence, lowest first: built-in defaults < ``meterops.toml`` < ``METEROPS_*``
+environment variables (nested keys joined by ``__``, e.g.
+``METEROPS_BACKENDS__BUS=kafka://127.0.0.1:9092``) < explicit arguments.
+Relative paths inside backend URLs are resolved against the directory of the
+config file, so every command sees the same project whatever its working
+directory. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from meterops.errors import ConfigError
+
+__all__ = [
+    "CONFIG_NAME",
+    "BackendSettings",
+    "BusSettings",
+    "Settings",
+    "ValidationSettings",
+    "WorkerSettings",
+    "find_config",
+    "load_settings",
+    "parse_duration",
+]
+
+CONFIG_NAME = "meterops.toml"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h|d|w)\s*$")
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | int | float) -> pd.Timedelta:
+    """Parse ``30min``, ``24h``, ``1d``, ``2w`` or a number of seconds.
+
+    >>> parse_duration("24h") == pd.Timedelta(hours=24)
+    True
+    """
+    if isinstance(text, int | float):
+        return pd.Timedelta(seconds=float(text))
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30min, 24h, 1d, 2w)")
+    amount, unit = float(match.group(1)), match.group(2)
+    if unit == "d":
+        return pd.Timedelta(days=amount)
+    if unit == "w":
+        return pd.Timedelta(weeks=amount)
+    return pd.Timedelta(seconds=amount * _SECONDS[unit])
+
+
+_TOML: ContextVar[dict[str, Any] | None] = ContextVar("meterops_toml", default=None)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The parsed ``meterops.toml`` of the load in progress (set by load_settings)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return (_TOML.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_TOML.get() or {})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackendSettings(_Section):
+    """Which implementation plays each role, chosen by URL scheme."""
+
+    bus: str = "local://.meterops/bus"
+    store: str = "sqlite:///.meterops/meterops.db"
+    lake: str = "file://.meterops/lake"
+
+
+class BusSettings(_Section):
+    partitions: int = Field(4, ge=1, le=1024)
+    retention: str = "7d"
+    segment_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    fsync: bool = False
+
+    @field_validator("retention")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class ValidationSettings(_Section):
+    """Rules a reading must pass to be stored; failures become dead letters."""
+
+    value_min: float = -1e6
+    value_max: float = 1e6
+    covariate_min: float = -1e6
+    covariate_max: float = 1e6
+    max_future: str = "1d"
+    min_ts: str = "1990-01-01"
+    allow_missing_value: bool = True
+    require_registration: bool = False
+
+    @field_validator("max_future")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class WorkerSettings(_Section):
+    group: str = "workers"
+    batch_rows: int = Field(100_000, ge=1)
+    poll_timeout: float = Field(0.5, gt=0)
+
+
+class SourceSettings(_Section):
+    timezone: str = "UTC"
+    chunk_rows: int = Field(100_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """All settings of one meterops project (see the module docstring for precedence)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="METEROPS_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    project_dir: Path = Field(default_factory=Path.cwd)
+    backends: BackendSettings = BackendSettings()
+    bus: BusSettings = BusSettings()
+    validation: ValidationSettings = ValidationSettings()
+    worker: WorkerSettings = WorkerSettings()
+    source: SourceSettings = SourceSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: arguments, then the environment, then the TOML file.
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    def resolve(self, url: str) -> str:
+        """Make a relative path inside ``scheme://path`` absolute against the project."""
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "file", url
+        if scheme in ("local", "file", "sqlite") and rest and not rest.startswith("/"):
+            return f"{scheme}://{(self.project_dir / rest).resolve()}"
+        if scheme == "sqlite" and rest.startswith("//"):
+            return url  # sqlite:////abs/path
+        if scheme == "sqlite" and rest.startswith("/"):
+            # sqlite:///relative (SQLAlchemy style: three slashes = relative)
+            return f"sqlite://{(self.project_dir / rest[1:]).resolve()}"
+        return url
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """The ``meterops.toml`` in ``start`` (default: the working directory), if any."""
+    candidate = (start or Path.cwd()) / CONFIG_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Load the project's settings; ``config`` defaults to ``./meterops.toml`` if present.
+
+    Raises :class:`ConfigError` naming the file and the offending key.
+    """
+    path = config if config is not None else find_config()
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (create one with: meterops init)")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        data.setdefault("project_dir", path.parent.resolve())
+    token = _TOML.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where}invalid settings: {problems}") from exc
+    finally:
+        _TOML.reset(token)
+
+
+DEFAULT_TOML = """\
+# meterops project configuration.
+# Precedence: defaults < this file < METEROPS_* environment variables
+# (nested keys joined by "__", e.g. METEROPS_BUS__PARTITIONS=8) < command-line flags.
+# Relative paths are relative to this file's directory.
+
+[backends]
+# Embedded defaults: zero setup, one machine.
+bus = "local://.meterops/bus"          # later: "kafka://127.0.0.1:9092"
+store = "sqlite:///.meterops/meterops.db"  # sqlite:///relative.db or sqlite:////absolute.db
+lake = "file://.meterops/lake"          # any fsspec URL, e.g. "s3://bucket/lake"
+
+[bus]
+partitions = 4            # readings are spread over partitions by meter id hash
+retention = "7d"          # whole log segments older than this are deleted
+segment_bytes = 67108864  # roll a new segment file after this many bytes
+fsync = false             # true: fsync every append (survives power loss, slower)
+
+[validation]
+# Readings breaking a rule are dead-lettered with the reason, never dropped.
+value_min = -1e6          # physical range of a reading's value
+value_max = 1e6
+covariate_min = -1e6      # range of numeric covariates (e.g. temperature)
+covariate_max = 1e6
+max_future = "1d"         # reject timestamps later than now + this
+min_ts = "1990-01-01"     # reject timestamps earlier than this
+allow_missing_value = true    # an empty value is a missing reading, not an error
+require_registration = false  # true: readings of unregistered meters are rejected
+
+[worker]
+group = "workers"         # consumer group: workers in one group share partitions
+batch_rows = 100000       # micro-batch size
+poll_timeout = 0.5        # seconds to wait for new readings
+
+[source]
+timezone = "UTC"          # zone of naive timestamps in input files
+chunk_rows = 100000       # rows per message when publishing a file
+"""

@@ -1,0 +1,1 @@
+"""The store role: ``base.py`` holds the interface, one module per backend."""

@@ -1,0 +1,134 @@
+"""The store role: readings keyed by (meter, ts), dead letters, meters, ingest batches.
+
+Promises every implementation keeps (checked by ``tests/contracts/test_store.py``):
+
+* ``write`` is one transaction and idempotent: a reading already stored with
+  the same value is skipped (counted as a duplicate), one stored with a
+  different value is turned into a dead letter ("duplicate with a different
+  value"), dead letters are unique by (source, offset). So a batch delivered
+  twice by an at-least-once bus leaves the store exactly as delivering it once.
+* Each ``write`` records an ingest batch (its lineage: bus offsets) and marks
+  it lake-pending; the worker exports the new rows to the lake and then calls
+  ``lake_done``. A crash in between leaves the batch pending and
+  ``pending_lake_batches`` lets the next worker finish the export.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from meterops.types import ReadingBatch
+
+__all__ = ["DUPLICATE_REASON", "Store", "StoreCounts", "WriteResult"]
+
+DUPLICATE_REASON = "duplicate with a different value"
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one ``write`` did. ``new_mask`` marks the rows of ``good`` that were new."""
+
+    batch_id: int
+    inserted: int
+    duplicates: int
+    deadletters: int
+    new_mask: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    readings: int
+    meters: int
+    deadletters: int
+    deadletters_by_reason: dict[str, int]
+    last_ts: pd.Timestamp | None
+
+
+class Store(ABC):
+    """See the module docstring. Open with ``open()`` or ``with store.open():``."""
+
+    def open(self) -> Self:
+        """Connect and apply schema migrations; call before anything else."""
+        return self
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; safe to call twice."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @abstractmethod
+    def write(
+        self,
+        good: ReadingBatch,
+        dead: pa.Table,
+        lineage: Mapping[str, Any],
+        origins: pa.Table | None = None,
+    ) -> WriteResult:
+        """Store validated readings and dead letters in one transaction.
+
+        ``good`` holds no two rows with the same (meter, ts); ``dead`` follows
+        ``types.DEADLETTER_SCHEMA``; ``lineage`` is JSON-able (bus offsets);
+        ``origins`` (columns source, offset, aligned with ``good``) keys the
+        dead letters made here from conflicting duplicates, so a redelivery
+        does not record them twice.
+        """
+
+    @abstractmethod
+    def readings(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+    ) -> ReadingBatch:
+        """Readings ordered by meter and time; ``end`` is exclusive."""
+
+    @abstractmethod
+    def deadletters(
+        self, reason: str | None = None, limit: int | None = None, replayed: bool = False
+    ) -> pd.DataFrame:
+        """Dead letters, newest first, with ``id`` and ``received_at``."""
+
+    @abstractmethod
+    def mark_replayed(self, ids: Sequence[int]) -> int:
+        """Flag dead letters as replayed (they stay listed with ``replayed=True``)."""
+
+    @abstractmethod
+    def counts(self) -> StoreCounts: ...
+
+    @abstractmethod
+    def meters(self) -> pd.DataFrame:
+        """One row per meter: ``meter_id, first_ts, last_ts, readings, registered``."""
+
+    @abstractmethod
+    def register_meters(self, meter_ids: Sequence[str]) -> None:
+        """Declare meters (needed when validation requires registration)."""
+
+    @abstractmethod
+    def registered_meters(self) -> set[str]: ...
+
+    @abstractmethod
+    def pending_lake_batches(self) -> list[int]: ...
+
+    @abstractmethod
+    def batch_readings(self, batch_id: int) -> ReadingBatch:
+        """The readings first stored by ingest batch ``batch_id``."""
+
+    @abstractmethod
+    def lake_done(self, batch_id: int) -> None: ...

@@ -1,0 +1,137 @@
+"""The bus contract: every backend passes these unchanged."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from meterops.bus.base import Bus, Consumer, partition_for
+from meterops.types import Message
+from tests.helpers import readings
+
+
+def drain(consumer: Consumer, timeout: float = 0.3, commit: bool = True) -> list[Message]:
+    """Poll until nothing new arrives within ``timeout``."""
+    got: list[Message] = []
+    while True:
+        batch = consumer.poll(1000, timeout)
+        if not batch:
+            return got
+        got.extend(batch)
+        if commit:
+            consumer.commit({(m.topic, m.partition): m.next_offset for m in batch})
+
+
+def rows(messages: list[Message]) -> pa.Table:
+    return pa.concat_tables([m.table for m in messages])
+
+
+class TestBusContract:
+    def test_everything_sent_is_delivered_once_in_order_per_meter(self, bus: Bus) -> None:
+        batch = readings(meters=7, steps=20)
+        with bus.producer() as producer:
+            assert producer.send("readings", batch.table.slice(0, 70)) == 70
+            producer.send("readings", batch.table.slice(70))
+            producer.flush()
+        with bus.consumer("g", ["readings"]) as consumer:
+            got = drain(consumer)
+        table = rows(got)
+        assert table.num_rows == len(batch)
+        assert sorted(table.column("value").to_pylist()) == sorted(
+            batch.table.column("value").to_pylist()
+        )
+        for meter in {f"m-{i}" for i in range(7)}:
+            ts = table.filter(pc.equal(table.column("meter_id"), meter)).column("ts")
+            assert ts.to_pylist() == sorted(ts.to_pylist())
+
+    def test_a_meter_stays_in_one_partition_and_offsets_are_contiguous(self, bus: Bus) -> None:
+        batch = readings(meters=9, steps=5)
+        with bus.producer() as producer:
+            producer.send("readings", batch.table)
+            producer.send("readings", batch.table)
+        with bus.consumer("g", ["readings"]) as consumer:
+            got = drain(consumer)
+        parts: dict[str, set[int]] = {}
+        next_offset: dict[int, int] = {}
+        for m in got:
+            for meter in set(m.table.column("meter_id").to_pylist()):
+                parts.setdefault(meter, set()).add(m.partition)
+            assert m.offset == next_offset.get(m.partition, m.offset)
+            next_offset[m.partition] = m.next_offset
+        assert all(len(p) == 1 for p in parts.values())
+        assert sum(next_offset.values()) - sum(
+            min(m.offset for m in got if m.partition == p) for p in next_offset
+        ) == 2 * len(batch)
+
+    def test_partition_for_is_stable(self) -> None:
+        ids = pa.array(["a", "b", "a", None, "meter-42"])
+        first = partition_for(ids, 8)
+        assert first.tolist() == partition_for(ids, 8).tolist()
+        assert first[0] == first[2] and first[3] == 0
+        assert all(0 <= p < 8 for p in first)
+
+    def test_committed_offsets_survive_a_new_consumer(self, bus: Bus) -> None:
+        with bus.producer() as producer:
+            producer.send("readings", readings(meters=4, steps=3).table)
+        with bus.consumer("g", ["readings"]) as consumer:
+            assert rows(drain(consumer)).num_rows == 12
+        with bus.producer() as producer:
+            producer.send("readings", readings(meters=4, steps=2, start="2024-02-01").table)
+        with bus.consumer("g", ["readings"]) as consumer:
+            assert rows(drain(consumer)).num_rows == 8
+        assert bus.lag("g", "readings") == 0
+
+    def test_uncommitted_messages_are_redelivered(self, bus: Bus) -> None:
+        with bus.producer() as producer:
+            producer.send("readings", readings(meters=4, steps=3).table)
+        with bus.consumer("g", ["readings"]) as consumer:
+            assert rows(drain(consumer, commit=False)).num_rows == 12
+        assert bus.lag("g", "readings") == 12
+        with bus.consumer("g", ["readings"]) as consumer:
+            assert rows(drain(consumer)).num_rows == 12
+        assert bus.lag("g", "readings") == 0
+
+    def test_groups_are_independent(self, bus: Bus) -> None:
+        with bus.producer() as producer:
+            producer.send("readings", readings(meters=2, steps=3).table)
+        for group in ("a", "b"):
+            with bus.consumer(group, ["readings"]) as consumer:
+                assert rows(drain(consumer)).num_rows == 6
+
+    def test_members_share_partitions_and_take_over_when_one_leaves(self, bus: Bus) -> None:
+        with bus.producer() as producer:
+            producer.send("readings", readings(meters=40, steps=2).table)
+        first = bus.consumer("g", ["readings"])
+        second = bus.consumer("g", ["readings"])
+        try:
+            for _ in range(4):  # let both see each other
+                first.poll(1, 0.3)
+                second.poll(1, 0.3)
+            a, b = first.assignment(), second.assignment()
+            assert a and b and not a & b
+            assert len(a | b) == len(bus.end_offsets("readings"))
+            first.close()
+            second.poll(1, 0.6)
+            second.poll(1, 0.6)
+            assert second.assignment() == a | b
+        finally:
+            first.close()
+            second.close()
+
+    def test_poll_waits_at_most_the_timeout_when_idle(self, bus: Bus) -> None:
+        with bus.consumer("g", ["readings"]) as consumer:
+            assert consumer.poll(10, 0.05) == []
+
+    def test_covariates_and_nulls_travel_unchanged(self, bus: Bus) -> None:
+        batch = readings(meters=1, steps=3, temperature=[1.5, None, -2.0])
+        with bus.producer() as producer:
+            producer.send("readings", batch.table)
+        with bus.consumer("g", ["readings"]) as consumer:
+            table = rows(drain(consumer))
+        assert table.equals(batch.table)
+
+    @pytest.mark.parametrize("topic", ["deadletters", "predictions"])
+    def test_other_topics_exist(self, bus: Bus, topic: str) -> None:
+        bus.create_topics([topic])
+        assert sum(bus.end_offsets(topic).values()) == 0
