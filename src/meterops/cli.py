@@ -39,8 +39,8 @@ bench_app = typer.Typer(
 app.add_typer(deadletters_app, name="deadletters")
 app.add_typer(bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -423,16 +423,19 @@ def deadletters_replay(
 def up(
     config: ConfigOpt = None,
     meters: Annotated[int, typer.Option(help="Simulated meters.")] = 50,
-    speed: Annotated[
-        float, typer.Option(help="Times real time for replay and simulator.")
-    ] = 36000.0,
+    replay_speed: Annotated[
+        float, typer.Option(help="Real-data replay, times real time (100 h of data per s).")
+    ] = 360_000.0,
+    sim_speed: Annotated[
+        float, typer.Option(help="Simulator, times real time (one hourly step per s).")
+    ] = 3_600.0,
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,
 ) -> None:
     """Start the embedded stack: real-data replay, the simulator and a worker.
 
-    Example: meterops up --meters 100 --speed 36000   (Ctrl-C stops everything)
+    Example: meterops up --meters 100 --sim-speed 7200   (Ctrl-C stops everything)
     """
     from meterops.datasets import data_dir
 
@@ -454,7 +457,7 @@ def up(
             "--timezone",
             "Europe/Paris",
             "--speed",
-            str(speed),
+            str(replay_speed),
         ],
         "simulator": [
             *base,
@@ -465,7 +468,7 @@ def up(
             "--days",
             "365",
             "--speed",
-            str(speed / 10),
+            str(sim_speed),
             "--start",
             "2024-01-01",
         ],
@@ -545,7 +548,7 @@ def main() -> None:
     try:
         app(args=argv, standalone_mode=True)
     except MeterOpsError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

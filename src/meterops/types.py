@@ -34,6 +34,7 @@ __all__ = [
     "ReadingBatch",
     "deadletter_table",
     "iso_text",
+    "schema_for",
 ]
 
 TS_TYPE = pa.timestamp("us", tz="UTC")

@@ -23,8 +23,9 @@ def in_time_order(batch: ReadingBatch) -> ReadingBatch:
     """Rows sorted by timestamp (stable, so ties keep file order); unparseable ones first."""
     if len(batch) == 0:
         return batch
-    order = pc.sort_indices(batch.table, sort_keys=[("ts", "ascending")], null_placement="at_start")
-    return batch.take(order)
+    ts = pc.fill_null(pc.cast(batch.table.column("ts"), pa.int64()), np.iinfo(np.int64).min)
+    order = np.argsort(ts.to_numpy(zero_copy_only=False), kind="stable")
+    return batch.take(pa.array(order))
 
 
 def paced(

@@ -1,0 +1,1 @@
+"""Sources: where readings come from (file replay, the fleet simulator, HTTP pollers)."""
