@@ -10,6 +10,8 @@ import pytest
 
 from meterops.settings import Settings, load_settings
 
+pytest_plugins = ["tests.service_fixtures"]
+
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:

@@ -8,6 +8,7 @@ non-zero; the API (later) maps the classes to status codes in one place::
     MeterOpsError
     ├── ConfigError          bad meterops.toml / env / argument; names the key
     ├── BackendError         a bus, store or lake backend failed
+    │   ├── Unavailable         unreachable for now (connection lost): retry later
     │   ├── MissingDependency   an optional driver is not installed (says how)
     │   └── UnknownScheme       a URL scheme nobody registered (lists valid ones)
     ├── InputError           a file or payload that cannot be read at all
@@ -23,6 +24,7 @@ __all__ = [
     "MeterOpsError",
     "MissingDependency",
     "NotFound",
+    "Unavailable",
     "UnknownScheme",
 ]
 
@@ -37,6 +39,18 @@ class ConfigError(MeterOpsError):
 
 class BackendError(MeterOpsError):
     """A backend (bus, store, lake) failed; the driver error is chained."""
+
+
+class Unavailable(BackendError):
+    """A backend cannot be reached right now; the same call may succeed later.
+
+    Workers catch it, back off (``retry_after`` seconds as a hint) and retry
+    the same micro-batch, which is safe because writes are idempotent.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class MissingDependency(BackendError):

@@ -231,7 +231,7 @@ class Worker:
         batch = ReadingBatch.concat(m.batch for m in messages)
         lengths = [len(m) for m in messages]
         sources = np.repeat(np.array([f"{m.topic}/{m.partition}" for m in messages]), lengths)
-        offsets = np.concatenate([np.arange(m.offset, m.next_offset) for m in messages])
+        offsets = np.concatenate([m.row_offsets() for m in messages])
         checked = validate(
             batch, self.settings.validation, pd.Timestamp.now(tz="UTC"), self._registered_meters()
         )

@@ -88,6 +88,10 @@ class BusSettings(_Section):
     retention: str = "7d"
     segment_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     fsync: bool = False
+    replication_factor: int = Field(1, ge=1)
+    # librdkafka settings passed through as given, e.g. {"security.protocol" =
+    # "SASL_SSL", "sasl.mechanism" = "PLAIN", "sasl.username" = "...", ...}.
+    kafka: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("retention")
     @classmethod
@@ -218,6 +222,16 @@ partitions = 4            # readings are spread over partitions by meter id hash
 retention = "7d"          # whole log segments older than this are deleted
 segment_bytes = 67108864  # roll a new segment file after this many bytes
 fsync = false             # true: fsync every append (survives power loss, slower)
+replication_factor = 1    # Kafka: replicas of each topic created by meterops
+
+# Kafka client settings (librdkafka names), passed through as given, e.g. for a
+# secured cluster. Secrets can come from the environment instead:
+# METEROPS_BUS__KAFKA='{"sasl.password": "..."}'
+# [bus.kafka]
+# "security.protocol" = "SASL_SSL"
+# "sasl.mechanism" = "SCRAM-SHA-512"
+# "sasl.username" = "meterops"
+# "ssl.ca.location" = "/etc/ssl/certs/ca.pem"
 
 [validation]
 # Readings breaking a rule are dead-lettered with the reason, never dropped.

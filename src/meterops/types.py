@@ -140,25 +140,38 @@ def schema_for(covariates: Sequence[str] = ()) -> pa.Schema:
     return pa.schema([*BASE_FIELDS, *(pa.field(c, pa.float64()) for c in covariates)])
 
 
+ROWS_PER_MESSAGE_BITS = 24  # rows of one message a message-numbered log can tell apart
+
+
 @dataclass(frozen=True)
 class Message:
-    """One delivery from a bus: an Arrow table whose first row sits at ``offset``.
+    """One delivery from a bus: an Arrow table at ``offset`` in ``topic``/``partition``.
 
-    Row ``i`` of ``table`` has offset ``offset + i`` in ``topic``/``partition``;
-    committing ``next_offset`` acknowledges the whole message.
+    Committing ``next_offset`` acknowledges the whole message. Logs differ in
+    what an offset counts: the embedded log numbers rows (``next_offset`` =
+    ``offset + rows``), Kafka numbers messages (``next_offset`` = ``offset + 1``).
+    ``row_offsets`` gives every row a position unique within the partition
+    either way (for Kafka: message offset x 2**24 + row index); dead letters
+    are keyed by it so a redelivered message never records them twice.
     """
 
     topic: str
     partition: int
     offset: int
     table: pa.Table
+    rows_numbered: bool = True
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
 
     @property
     def next_offset(self) -> int:
-        return self.offset + int(self.table.num_rows)
+        return self.offset + (int(self.table.num_rows) if self.rows_numbered else 1)
+
+    def row_offsets(self) -> np.ndarray:
+        n = int(self.table.num_rows)
+        first = self.offset if self.rows_numbered else self.offset << ROWS_PER_MESSAGE_BITS
+        return np.arange(first, first + n, dtype=np.int64)
 
     @property
     def batch(self) -> ReadingBatch:

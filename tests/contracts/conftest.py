@@ -1,7 +1,9 @@
 """Backends under contract: one fixture per role, parametrized over implementations.
 
-A second backend is one more ``pytest.param`` here (with its marker); the
-suites in this folder run unchanged on it.
+The embedded backends always run; the real services run under their markers
+(``pytest -m kafka``, ``pytest -m postgres``) and are started by the session
+fixtures in ``tests/service_fixtures.py``. The suites in this folder run
+unchanged on every parameter.
 """
 
 from __future__ import annotations
@@ -11,21 +13,46 @@ from pathlib import Path
 
 import pytest
 
+from meterops.backends import make_bus, make_store
 from meterops.bus.base import Bus
-from meterops.bus.local import LocalBus
+from meterops.settings import load_settings
 from meterops.store.base import Store
-from meterops.store.sqlite import SQLiteStore
+
+BUSES = [
+    pytest.param("local", id="local"),
+    pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
+]
+STORES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
 
 
-@pytest.fixture(params=[pytest.param("local", id="local")])
+def bus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "kafka":
+        return str(request.getfixturevalue("kafka_url"))
+    return f"local://{tmp_path / 'bus'}"
+
+
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite://{tmp_path / 'store.db'}"
+
+
+@pytest.fixture(params=BUSES)
 def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bus]:
-    if request.param == "local":
-        with LocalBus(tmp_path / "bus", partitions=4).open() as b:
-            yield b
+    settings = load_settings(
+        None, project_dir=tmp_path, backends={"bus": bus_url(request, tmp_path)}
+    )
+    with make_bus(settings).open() as b:
+        yield b
 
 
-@pytest.fixture(params=[pytest.param("sqlite", id="sqlite")])
+@pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        with SQLiteStore(str(tmp_path / "store.db")).open() as s:
-            yield s
+    settings = load_settings(
+        None, project_dir=tmp_path, backends={"store": store_url(request, tmp_path)}
+    )
+    with make_store(settings).open() as s:
+        yield s
