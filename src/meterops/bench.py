@@ -65,43 +65,34 @@ def _sqlite_ceiling(frame: pd.DataFrame, batch_rows: int, path: Path) -> float:
     return len(frame) / seconds
 
 
-def bench_ingest(rows: int = 1_000_000, meters: int = 1_000) -> dict[str, Any]:
-    """Run the ingest benchmark in a temporary project; returns the numbers."""
+def _pipeline_rate(
+    root: Path, csv: Path, rows: int, backends: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Time file -> bus -> one worker -> store + lake in a fresh project under ``root``."""
     from meterops.pipeline import Pipeline
     from meterops.sources.files import FileFormat, read_file
     from meterops.sources.replay import in_time_order, paced
 
-    with tempfile.TemporaryDirectory(prefix="meterops-bench-") as tmp:
-        root = Path(tmp)
-        frame = synthetic_readings(rows, meters)
-        csv = root / "readings.csv"
-        frame.to_csv(csv, index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
-        settings = load_settings(
-            None, project_dir=root, worker={"poll_timeout": 0.05, "batch_rows": 100_000}
-        )
-        with Pipeline(settings) as pipe:
-            started = time.perf_counter()
-            batch, _ = read_file(csv, FileFormat())
-            batch = in_time_order(batch)
-            parsed = time.perf_counter()
-            for _ in pipe.publish(paced(batch, None, settings.source.chunk_rows)):
-                pass
-            published = time.perf_counter()
-            totals = pipe.worker().run(until_idle=True)
-            done = time.perf_counter() - settings.worker.poll_timeout  # the final idle poll
-            stored = pipe.store.counts().readings
-            lake_rows = pipe.lake.read().num_rows
-        ceiling = _sqlite_ceiling(frame, settings.worker.batch_rows, root / "ceiling.db")
+    overrides: dict[str, Any] = {"worker": {"poll_timeout": 0.05, "batch_rows": 100_000}}
+    if backends:
+        overrides["backends"] = backends
+    settings = load_settings(None, project_dir=root, **overrides)
+    with Pipeline(settings) as pipe:
+        started = time.perf_counter()
+        batch, _ = read_file(csv, FileFormat())
+        batch = in_time_order(batch)
+        parsed = time.perf_counter()
+        for _ in pipe.publish(paced(batch, None, settings.source.chunk_rows)):
+            pass
+        published = time.perf_counter()
+        totals = pipe.worker().run(until_idle=True)
+        done = time.perf_counter() - settings.worker.poll_timeout  # the final idle poll
+        stored = pipe.store.counts().readings
+        lake_rows = pipe.lake.read().num_rows
     seconds = done - started
-    rate = rows / seconds
     return {
-        "benchmark": "ingest",
-        "readings": rows,
-        "meters": meters,
         "seconds": round(seconds, 3),
-        "readings_per_s": round(rate),
-        "ceiling_readings_per_s": round(ceiling),
-        "ratio": round(rate / ceiling, 3),
+        "readings_per_s": round(rows / seconds),
         "stages_readings_per_s": {
             "parse": round(rows / (parsed - started)),
             "publish": round(rows / (published - parsed)),
@@ -109,7 +100,86 @@ def bench_ingest(rows: int = 1_000_000, meters: int = 1_000) -> dict[str, Any]:
         },
         "stored": stored,
         "lake_rows": lake_rows,
+    }
+
+
+def _ipc_payloads(frame: pd.DataFrame, rows_per_message: int) -> tuple[list[bytes], list[int]]:
+    from meterops.types import ReadingBatch
+
+    table = ReadingBatch.from_pandas(frame).table
+    payloads, counts = [], []
+    for start in range(0, table.num_rows, rows_per_message):
+        chunk = table.slice(start, rows_per_message)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, chunk.schema) as writer:
+            writer.write_table(chunk)
+        payloads.append(bytes(sink.getvalue()))
+        counts.append(chunk.num_rows)
+    return payloads, counts
+
+
+def _scaled(root: Path, csv: Path, frame: pd.DataFrame) -> dict[str, Any]:
+    from meterops.services.kafka import produce_consume_ceiling
+    from meterops.services.postgres import copy_ceiling
+    from meterops.services.stack import scaled_stack
+
+    with scaled_stack(root / "services") as urls:
+        result = _pipeline_rate(root / "scaled", csv, len(frame), urls)
+        bootstrap = urls["bus"].partition("://")[2].partition("?")[0]
+        payloads, counts = _ipc_payloads(frame, 20_000)
+        kafka = produce_consume_ceiling(bootstrap, payloads, counts)
+        postgres = copy_ceiling(urls["store"], frame, 100_000)
+    result["ceilings_readings_per_s"] = {
+        "kafka_produce_consume": round(float(kafka["roundtrip_rows_per_s"])),
+        "postgres_copy": round(postgres),
+    }
+    return result
+
+
+def bench_ingest(
+    rows: int = 1_000_000, meters: int = 1_000, profile: str = "default"
+) -> dict[str, Any]:
+    """Run the ingest benchmark in temporary projects; returns the numbers.
+
+    ``profile="scaled"`` also runs the pipeline on a real Kafka broker and
+    PostgreSQL server started on loopback, with their raw rates as ceilings;
+    the top-level ``readings_per_s``/``ceiling_readings_per_s``/``ratio`` then
+    describe the scaled run (the slower service is the ceiling).
+    """
+    with tempfile.TemporaryDirectory(prefix="meterops-bench-") as tmp:
+        root = Path(tmp)
+        frame = synthetic_readings(rows, meters)
+        csv = root / "readings.csv"
+        frame.to_csv(csv, index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
+        embedded = _pipeline_rate(root / "embedded", csv, rows)
+        embedded["ceiling_readings_per_s"] = round(
+            _sqlite_ceiling(frame, 100_000, root / "ceiling.db")
+        )
+        embedded["ratio"] = round(
+            embedded["readings_per_s"] / embedded["ceiling_readings_per_s"], 3
+        )
+        scaled = _scaled(root, csv, frame) if profile == "scaled" else None
+    result: dict[str, Any] = {
+        "benchmark": "ingest",
+        "profile": profile,
+        "readings": rows,
+        "meters": meters,
+        **{k: embedded[k] for k in ("readings_per_s", "ceiling_readings_per_s", "ratio")},
+        "embedded": embedded,
         "cores": os.cpu_count(),
         "pyarrow": pa.__version__,
         "sqlite": sqlite3.sqlite_version,
     }
+    if scaled is not None:
+        ceiling = min(scaled["ceilings_readings_per_s"].values())
+        scaled["ratios"] = {
+            name: round(scaled["readings_per_s"] / value, 3)
+            for name, value in scaled["ceilings_readings_per_s"].items()
+        }
+        result.update(
+            readings_per_s=scaled["readings_per_s"],
+            ceiling_readings_per_s=ceiling,
+            ratio=round(scaled["readings_per_s"] / ceiling, 3),
+            scaled=scaled,
+        )
+    return result

@@ -6,7 +6,9 @@ and calls the pipeline; errors a user can fix print one line and exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterops.errors import InputError, MeterOpsError
-from meterops.settings import CONFIG_NAME, DEFAULT_TOML, Settings, load_settings
+from meterops.settings import CONFIG_NAME, DEFAULT_TOML, Settings, load_settings, redact_url
 
 __all__ = ["app", "main"]
 
@@ -89,6 +91,22 @@ Delim = Annotated[str | None, typer.Option("--delimiter", help="CSV delimiter (d
 TsFormat = Annotated[
     str | None, typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'.")
 ]
+
+
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        help="default: the backends in the config; scaled: start Kafka and PostgreSQL on "
+        "loopback and use them."
+    ),
+]
+
+
+def _check_profile(profile: str) -> None:
+    from meterops.services.stack import PROFILES
+
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}; valid profiles are: {', '.join(PROFILES)}")
 
 
 @app.command()
@@ -432,48 +450,62 @@ def up(
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,
+    profile: ProfileOpt = "default",
 ) -> None:
-    """Start the embedded stack: real-data replay, the simulator and a worker.
+    """Start the whole loop: real-data replay, the simulator and a worker.
 
-    Example: meterops up --meters 100 --sim-speed 7200   (Ctrl-C stops everything)
+    Examples:
+      meterops up --meters 100 --sim-speed 7200   (Ctrl-C stops everything)
+      meterops up --profile scaled                (on Kafka + PostgreSQL started on loopback)
     """
-    from meterops.datasets import data_dir
-
+    _check_profile(profile)
     settings = _settings(config)
     cfg = config or (settings.project_dir / CONFIG_NAME)
     if not cfg.exists():
         cfg.write_text(DEFAULT_TOML, encoding="utf-8")
         out.print(f"wrote a default config to {cfg}")
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if profile == "scaled":
+            from meterops.services.stack import scaled_stack
+
+            out.print("starting Kafka and PostgreSQL on 127.0.0.1 (first time: installing) ...")
+            urls = stack.enter_context(
+                scaled_stack(settings.project_dir / ".meterops" / "services")
+            )
+            env.update({f"METEROPS_BACKENDS__{k.upper()}": v for k, v in urls.items()})
+            settings = _settings(config, backends=urls)
+            out.print(f"  bus:   {urls['bus']}\n  store: {redact_url(urls['store'])}")
+        _run_stack(settings, cfg, env, meters, replay_speed, sim_speed, duration)
+
+
+def _run_stack(
+    settings: Settings,
+    cfg: Path,
+    env: dict[str, str],
+    meters: int,
+    replay_speed: float,
+    sim_speed: float,
+    duration: float | None,
+) -> None:
+    """Run worker, replay and simulator as child processes; print status until stopped."""
+    from meterops.datasets import data_dir
+    from meterops.pipeline import Pipeline
+
     base = [sys.executable, "-m", "meterops", "--config", str(cfg)]
     real = data_dir() / "uci_household_power_hourly.csv.gz"
     commands = {
         "worker": [*base, "worker"],
         "replay": [
-            *base,
-            "replay",
-            str(real),
-            "--meter-id",
-            "uci-household",
-            "--timezone",
-            "Europe/Paris",
-            "--speed",
-            str(replay_speed),
+            *base, "replay", str(real), "--meter-id", "uci-household",
+            "--timezone", "Europe/Paris", "--speed", str(replay_speed),
         ],
         "simulator": [
-            *base,
-            "simulate",
-            "--live",
-            "--meters",
-            str(meters),
-            "--days",
-            "365",
-            "--speed",
-            str(sim_speed),
-            "--start",
-            "2024-01-01",
+            *base, "simulate", "--live", "--meters", str(meters), "--days", "365",
+            "--speed", str(sim_speed), "--start", "2024-01-01",
         ],
-    }
-    procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}  # noqa: S603
+    }  # fmt: skip
+    procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}  # noqa: S603
     out.print(
         f"meterops is up: worker, replay of {real.name} and {meters} simulated meters.\n"
         f"  status:       meterops --config {cfg} status   (or: status --watch 2)\n"
@@ -483,8 +515,6 @@ def up(
     )
     started = time.monotonic()
     try:
-        from meterops.pipeline import Pipeline
-
         with Pipeline(settings) as pipe:
             while duration is None or time.monotonic() - started < duration:
                 time.sleep(2)
@@ -509,28 +539,43 @@ def up(
 def bench_ingest_cmd(
     rows: Annotated[int, typer.Option(help="Readings to push through.")] = 1_000_000,
     meters: Annotated[int, typer.Option(help="Distinct meters.")] = 1_000,
+    profile: ProfileOpt = "default",
     fmt: FormatOpt = "table",
 ) -> None:
-    """Readings/s replay -> bus -> worker -> store + lake, beside the raw SQLite ceiling.
+    """Readings/s replay -> bus -> worker -> store + lake, beside the raw ceilings.
 
-    Example: meterops bench ingest --rows 1000000 --format json
+    Examples:
+      meterops bench ingest --rows 1000000 --format json
+      meterops bench ingest --profile scaled     (also Kafka + PostgreSQL, started here)
     """
     from meterops.bench import bench_ingest
 
-    err.print(f"bench ingest: {rows:,} readings of {meters:,} meters (embedded backends) ...")
-    result = bench_ingest(rows, meters)
+    _check_profile(profile)
+    err.print(f"bench ingest: {rows:,} readings of {meters:,} meters, profile {profile} ...")
+    result = bench_ingest(rows, meters, profile)
     if fmt == "json":
         print(json.dumps(result))
         return
-    stages = result["stages_readings_per_s"]
-    out.print(
-        f"meterops ingest (replay -> bus -> 1 worker -> store + lake): "
-        f"{result['readings_per_s']:>12,} readings/s\n"
-        f"ceiling (bare SQLite keyed inserts, same rows):       "
-        f"{result['ceiling_readings_per_s']:>12,} readings/s\n"
-        f"ratio: {result['ratio']:.2f}   stages/s: parse {stages['parse']:,}, "
-        f"publish {stages['publish']:,}, worker {stages['worker']:,}"
-    )
+    emb = result["embedded"]
+    lines = [
+        f"{'run':<58}{'readings/s':>14}",
+        f"{'embedded: replay -> local bus -> 1 worker -> SQLite + lake':<58}"
+        f"{emb['readings_per_s']:>14,}",
+        f"{'  ceiling: bare SQLite keyed inserts, same rows':<58}"
+        f"{emb['ceiling_readings_per_s']:>14,}   ratio {emb['ratio']:.2f}",
+    ]
+    if "scaled" in result:
+        sc = result["scaled"]
+        lines.append(
+            f"{'scaled: replay -> Kafka -> 1 worker -> PostgreSQL + lake':<58}"
+            f"{sc['readings_per_s']:>14,}"
+        )
+        for name, value in sc["ceilings_readings_per_s"].items():
+            lines.append(
+                f"{'  ceiling: ' + name.replace('_', ' '):<58}{value:>14,}   "
+                f"ratio {sc['ratios'][name]:.2f}"
+            )
+    out.print("\n".join(lines))
 
 
 @app.callback()

@@ -11,12 +11,13 @@ write turns that into exactly-once results.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -24,13 +25,17 @@ import pyarrow as pa
 
 from meterops.backends import make_bus, make_store
 from meterops.bus.base import DEADLETTERS, READINGS, TOPICS, Bus, Consumer, Producer
+from meterops.errors import Unavailable
 from meterops.lake import Lake
-from meterops.settings import Settings
+from meterops.settings import Settings, redact_url
 from meterops.store.base import Store
 from meterops.types import RAW, REJECT, Message, ReadingBatch, deadletter_table
 from meterops.validate import validate
 
 __all__ = ["BatchStats", "Pipeline", "Worker", "WorkerTotals", "commit_map"]
+
+log = logging.getLogger("meterops.worker")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,9 @@ class Pipeline:
             "published": sum(self.bus.end_offsets(READINGS).values()),
             "last_ts": None if counts.last_ts is None else counts.last_ts.isoformat(),
             "backends": {
-                "bus": self.settings.backends.bus,
-                "store": self.settings.backends.store,
-                "lake": self.settings.backends.lake,
+                "bus": redact_url(self.settings.backends.bus),
+                "store": redact_url(self.settings.backends.store),
+                "lake": redact_url(self.settings.backends.lake),
             },
         }
 
@@ -195,6 +200,7 @@ class Worker:
         self.pipeline = pipeline
         self.settings = pipeline.settings
         self.totals = WorkerTotals()
+        self.retries = 0
         self._consumer: Consumer | None = None
         self._registered: set[str] | None = None
         self._registered_at = 0.0
@@ -264,16 +270,37 @@ class Worker:
         )
 
     def step(self, timeout: float | None = None) -> BatchStats | None:
-        """Poll once, process and commit; None when nothing arrived within ``timeout``."""
-        consumer = self._open()
+        """Poll once, process and commit; None when nothing arrived within ``timeout``.
+
+        An unreachable bus or store (:class:`Unavailable`) is retried with
+        exponential backoff for up to ``worker.retry_for`` seconds: the same
+        micro-batch is written again, which the idempotent store makes safe.
+        """
         wait = self.settings.worker.poll_timeout if timeout is None else timeout
-        messages = consumer.poll(self.settings.worker.batch_rows, wait)
+        messages = self._retrying(
+            "poll", lambda: self._open().poll(self.settings.worker.batch_rows, wait)
+        )
         if not messages:
             return None
-        stats = self.process(messages)
-        consumer.commit(commit_map(messages))
+        stats = self._retrying("store", lambda: self.process(messages))
+        self._retrying("commit", lambda: self._open().commit(commit_map(messages)))
         self.totals.add(stats)
         return stats
+
+    def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return call()
+            except Unavailable as exc:
+                if waited >= self.settings.worker.retry_for:
+                    raise
+                pause = delay
+                log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, pause)
+                self.retries += 1
+                time.sleep(pause)
+                waited += pause
+                delay = min(delay * 2, 10.0)
 
     def run(
         self,

@@ -32,6 +32,7 @@ __all__ = [
     "find_config",
     "load_settings",
     "parse_duration",
+    "redact_url",
 ]
 
 CONFIG_NAME = "meterops.toml"
@@ -123,6 +124,7 @@ class WorkerSettings(_Section):
     group: str = "workers"
     batch_rows: int = Field(100_000, ge=1)
     poll_timeout: float = Field(0.5, gt=0)
+    retry_for: float = Field(300.0, ge=0)  # keep retrying an unreachable backend this long
 
 
 class SourceSettings(_Section):
@@ -171,6 +173,19 @@ class Settings(BaseSettings):
         return url
 
 
+_PASSWORD = re.compile(r"(?<=://)([^:/@]+):[^@/]*@")
+_SECRET_QUERY = re.compile(r"(?i)((?:password|secret|token)[^=&]*=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to print: passwords and secret query values replaced by ``***``.
+
+    >>> redact_url("postgresql://app:s3cret@db:5432/m?sslpassword=x&sslmode=require")
+    'postgresql://app:***@db:5432/m?sslpassword=***&sslmode=require'
+    """
+    return _SECRET_QUERY.sub(r"\1***", _PASSWORD.sub(r"\1:***@", url))
+
+
 def find_config(start: Path | None = None) -> Path | None:
     """The ``meterops.toml`` in ``start`` (default: the working directory), if any."""
     candidate = (start or Path.cwd()) / CONFIG_NAME
@@ -213,8 +228,8 @@ DEFAULT_TOML = """\
 
 [backends]
 # Embedded defaults: zero setup, one machine.
-bus = "local://.meterops/bus"          # later: "kafka://127.0.0.1:9092"
-store = "sqlite:///.meterops/meterops.db"  # sqlite:///relative.db or sqlite:////absolute.db
+bus = "local://.meterops/bus"          # or "kafka://broker1:9092,broker2:9092?prefix=prod."
+store = "sqlite:///.meterops/meterops.db"  # or "postgresql://user@db-host:5432/meterops"
 lake = "file://.meterops/lake"          # any fsspec URL, e.g. "s3://bucket/lake"
 
 [bus]
@@ -248,6 +263,7 @@ require_registration = false  # true: readings of unregistered meters are reject
 group = "workers"         # consumer group: workers in one group share partitions
 batch_rows = 100000       # micro-batch size
 poll_timeout = 0.5        # seconds to wait for new readings
+retry_for = 300           # seconds to keep retrying an unreachable bus or store (backoff)
 
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files

@@ -39,3 +39,28 @@ def cli(workdir: Path) -> Run:
         return proc
 
     return run
+
+
+PROFILES = [
+    pytest.param("embedded", id="embedded"),
+    pytest.param("scaled", id="kafka+postgres", marks=[pytest.mark.kafka, pytest.mark.postgres]),
+]
+
+
+@pytest.fixture(params=PROFILES)
+def profile(request: pytest.FixtureRequest, workdir: Path) -> str:
+    """Run the test on the embedded backends and on a real Kafka + PostgreSQL."""
+    if request.param == "scaled":
+        point_at(
+            workdir, request.getfixturevalue("kafka_url"), request.getfixturevalue("postgres_url")
+        )
+    return str(request.param)
+
+
+def point_at(workdir: Path, bus: str, store: str) -> None:
+    """Make the project's config use these bus and store URLs."""
+    config = workdir / "meterops.toml"
+    text = config.read_text()
+    text = text.replace('bus = "local://.meterops/bus"', f'bus = "{bus}"')
+    text = text.replace('store = "sqlite:///.meterops/meterops.db"', f'store = "{store}"')
+    config.write_text(text)

@@ -33,7 +33,7 @@ GARBAGE = (
 
 
 def test_garbage_rows_are_dead_lettered_with_reasons_and_good_rows_stored(
-    workdir: Path, cli: Run
+    profile: str, workdir: Path, cli: Run
 ) -> None:
     (workdir / "garbage.csv").write_bytes(GARBAGE)
     proc = cli("ingest", "garbage.csv")

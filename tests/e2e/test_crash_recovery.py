@@ -40,7 +40,7 @@ def stream_file(path: Path, meters: int = 100, steps: int = 600) -> pd.DataFrame
 
 
 def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(
-    workdir: Path, cli: Run
+    profile: str, workdir: Path, cli: Run
 ) -> None:
     truth = stream_file(workdir / "stream.csv")
     # 600 hours of data replayed in about 6 s, so the worker is killed mid-stream.

@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from meterops.bus.base import READINGS
+from meterops.errors import Unavailable
 from meterops.pipeline import Pipeline
 from meterops.settings import Settings
 from meterops.types import DEADLETTER_SCHEMA, ReadingBatch
@@ -107,3 +109,43 @@ def test_lake_is_readable_by_duckdb_polars_and_pandas(settings: Settings) -> Non
     assert pa.types.is_timestamp(
         pl.scan_parquet(pattern).collect().to_arrow().schema.field("ts").type
     )
+
+
+class FlakyStore:
+    """A store whose first ``failures`` writes fail as if the server were down."""
+
+    def __init__(self, inner: object, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def write(self, *args: object, **kwargs: object) -> object:
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("connection refused (test)", retry_after=0.01)
+        return self.inner.write(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_an_unavailable_store_is_retried_with_backoff_and_nothing_is_lost(
+    settings: Settings,
+) -> None:
+    with Pipeline(settings) as pipe:
+        list(pipe.publish([readings(meters=5, steps=10)]))
+        pipe._store = FlakyStore(pipe.store, failures=3)  # type: ignore[assignment]
+        worker = pipe.worker()
+        totals = worker.run(until_idle=True)
+        assert worker.retries == 3
+        assert totals.stored == 50 and pipe.status()["readings"] == 50
+        assert pipe.status()["lag"] == 0
+
+
+def test_the_worker_gives_up_after_retry_for(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(worker={"poll_timeout": 0.05, "retry_for": 0.2})
+    with Pipeline(settings) as pipe:
+        list(pipe.publish([readings(meters=1, steps=2)]))
+        pipe._store = FlakyStore(pipe.store, failures=1000)  # type: ignore[assignment]
+        with pytest.raises(Unavailable):
+            pipe.worker().run(until_idle=True)
+        assert pipe.status()["lag"] == 2  # nothing committed: it will be redelivered
