@@ -21,8 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["BUS_SCHEMES", "STORE_SCHEMES", "make_bus", "make_store"]
 
 # scheme -> "module:function"; the function takes (url, settings).
-BUS_SCHEMES = {"local": "meterops.bus.local:build"}
-STORE_SCHEMES = {"sqlite": "meterops.store.sqlite:build"}
+BUS_SCHEMES = {"local": "meterops.bus.local:build", "kafka": "meterops.bus.kafka:build"}
+STORE_SCHEMES = {
+    "sqlite": "meterops.store.sqlite:build",
+    "postgresql": "meterops.store.postgres:build",
+    "postgres": "meterops.store.postgres:build",
+}
 
 
 def _builder(role: str, table: dict[str, str], url: str) -> Callable[..., object]:

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from meterops.cli_models import register as register_model_commands
 from meterops.errors import InputError, MeterOpsError
 from meterops.settings import CONFIG_NAME, DEFAULT_TOML, Settings, load_settings, redact_url
 
@@ -40,6 +41,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(deadletters_app, name="deadletters")
 app.add_typer(bench_app, name="bench")
+register_model_commands(app)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

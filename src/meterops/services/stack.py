@@ -27,7 +27,7 @@ def scaled_stack(data_dir: Path) -> Iterator[dict[str, str]]:
     from meterops.services.postgres import PostgresService
 
     kafka = KafkaService(data_dir / "kafka")
-    postgres = PostgresService(data_dir / "postgres")
+    postgres = PostgresService(data_dir / "postgres", fast=False)
     kafka.install()
     postgres.install()
     with ExitStack() as stack:

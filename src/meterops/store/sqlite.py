@@ -10,9 +10,7 @@ Timestamps are stored as integer microseconds since the epoch (UTC).
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,65 +20,28 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meterops.errors import BackendError, ConfigError
+from meterops.errors import BackendError
 from meterops.settings import Settings
-from meterops.store.base import DUPLICATE_REASON, Store, StoreCounts, WriteResult
-from meterops.types import DEADLETTER_SCHEMA, TS_TYPE, ReadingBatch, iso_text, schema_for
+from meterops.store._sql import (
+    RESERVED,
+    SQLITE,
+    check_covariate,
+    conflict_letters,
+    migrations,
+    now_us,
+    statements,
+)
+from meterops.store.base import Store, StoreCounts, WriteResult
+from meterops.types import DEADLETTER_SCHEMA, TS_TYPE, ReadingBatch, schema_for
 
 __all__ = ["SQLiteStore", "build"]
 
-_COVARIATE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_RESERVED = {"meter_id", "ts", "value", "batch"}
-
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE readings (
-        meter_id TEXT NOT NULL,
-        ts INTEGER NOT NULL,
-        value REAL,
-        batch INTEGER NOT NULL,
-        PRIMARY KEY (meter_id, ts)
-    ) WITHOUT ROWID;
-    CREATE TABLE meters (
-        meter_id TEXT PRIMARY KEY,
-        first_ts INTEGER,
-        last_ts INTEGER,
-        readings INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE deadletters (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        source TEXT,
-        "offset" INTEGER,
-        meter_id TEXT,
-        ts TEXT,
-        value TEXT,
-        reason TEXT NOT NULL,
-        raw TEXT,
-        received_at INTEGER NOT NULL,
-        replayed_at INTEGER,
-        UNIQUE (source, "offset")
-    );
-    CREATE INDEX deadletters_reason ON deadletters (reason);
-    CREATE TABLE batches (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        created_at INTEGER NOT NULL,
-        lineage TEXT NOT NULL,
-        inserted INTEGER NOT NULL,
-        lake_pending INTEGER NOT NULL
-    );
-    CREATE INDEX batches_pending ON batches (lake_pending) WHERE lake_pending = 1;
-    """,
-]
+MIGRATIONS: list[str] = migrations(SQLITE)
 
 
 def build(url: str, settings: Settings) -> SQLiteStore:
     """Builder for ``sqlite:///path/to/file.db`` (resolved) or ``sqlite://:memory:``."""
     return SQLiteStore(url.partition("://")[2])
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def _ts_us(column: pa.ChunkedArray | pa.Array) -> list[int]:
@@ -134,7 +95,7 @@ class SQLiteStore(Store):
             row = c.execute("SELECT max(version) FROM schema_version").fetchone()
             current = int(row[0]) if row and row[0] is not None else 0
             for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in filter(str.strip, sql.split(";")):
+                for statement in statements(sql):
                     c.execute(statement)
                 c.execute("INSERT INTO schema_version VALUES (?)", (version,))
             c.execute("COMMIT")
@@ -144,7 +105,7 @@ class SQLiteStore(Store):
 
     def _read_covariates(self) -> list[str]:
         cols = [r[1] for r in self.conn.execute("PRAGMA table_info(readings)")]
-        return [c for c in cols if c not in _RESERVED]
+        return [c for c in cols if c not in RESERVED]
 
     def _ensure_covariates(self, names: Sequence[str]) -> None:
         """Add a REAL column per new covariate (inside the caller's transaction)."""
@@ -155,11 +116,7 @@ class SQLiteStore(Store):
         for name in missing:
             if name in self._covariates:
                 continue
-            if not _COVARIATE.match(name) or name in _RESERVED:
-                raise ConfigError(
-                    f"covariate name {name!r} is not allowed (letters, digits, _; "
-                    "not meter_id/ts/value/batch)"
-                )
+            check_covariate(name)
             self.conn.execute(f'ALTER TABLE readings ADD COLUMN "{name}" REAL')
             self._covariates.append(name)
 
@@ -181,7 +138,7 @@ class SQLiteStore(Store):
                 cur = c.execute(
                     "INSERT INTO batches (created_at, lineage, inserted, lake_pending) "
                     "VALUES (?, ?, 0, 1)",
-                    (_now_us(), json.dumps(lineage)),
+                    (now_us(), json.dumps(lineage)),
                 )
                 batch_id = int(cur.lastrowid or 0)
                 new_mask = np.ones(n, dtype=bool)
@@ -214,7 +171,7 @@ class SQLiteStore(Store):
                 inserted = int(new_mask.sum())
                 dead_rows = self._deadletter_rows(dead)
                 if conflicts:
-                    dead_rows += self._conflict_rows(good, conflicts, origins)
+                    dead_rows += self._deadletter_rows(conflict_letters(good, conflicts, origins))
                 before = c.total_changes
                 c.executemany(
                     'INSERT OR IGNORE INTO deadletters (source, "offset", meter_id, ts, value, '
@@ -261,31 +218,9 @@ class SQLiteStore(Store):
     def _deadletter_rows(dead: pa.Table) -> list[tuple[Any, ...]]:
         if dead.num_rows == 0:
             return []
-        now = _now_us()
+        now = now_us()
         cols = [dead.column(f.name).to_pylist() for f in DEADLETTER_SCHEMA]
         return [(*row, now) for row in zip(*cols, strict=True)]
-
-    @staticmethod
-    def _conflict_rows(
-        good: ReadingBatch, rows: list[int], origins: pa.Table | None
-    ) -> list[tuple[Any, ...]]:
-        take = pa.array(rows, pa.int64())
-        sub = good.table.take(take)
-        n = len(rows)
-        if origins is not None:
-            picked = origins.take(take)
-            sources, offsets = picked.column(0).to_pylist(), picked.column(1).to_pylist()
-        else:
-            sources, offsets = [None] * n, [None] * n
-        ts = iso_text(sub.column("ts")).to_pylist()
-        values = [None if v is None else repr(v) for v in sub.column("value").to_pylist()]
-        now = _now_us()
-        return [
-            (src, off, meter, t, v, DUPLICATE_REASON, None, now)
-            for src, off, meter, t, v in zip(
-                sources, offsets, sub.column("meter_id").to_pylist(), ts, values, strict=True
-            )
-        ]
 
     # -- reads -------------------------------------------------------------
     def readings(
@@ -348,7 +283,7 @@ class SQLiteStore(Store):
         return frame
 
     def mark_replayed(self, ids: Sequence[int]) -> int:
-        now = _now_us()
+        now = now_us()
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         before = c.total_changes
