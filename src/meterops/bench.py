@@ -130,7 +130,7 @@ def _scaled(root: Path, csv: Path, frame: pd.DataFrame) -> dict[str, Any]:
         kafka = produce_consume_ceiling(bootstrap, payloads, counts)
         postgres = copy_ceiling(urls["store"], frame, 100_000)
     result["ceilings_readings_per_s"] = {
-        "kafka_produce_consume": round(float(kafka["roundtrip_rows_per_s"])),
+        "kafka_produce_consume": round(float(kafka["round_trip_rows_per_s"])),
         "postgres_copy": round(postgres),
     }
     return result

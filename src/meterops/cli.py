@@ -607,6 +607,6 @@ def _move_config(argv: list[str]) -> list[str]:
     words = []
     while rest and not rest[0].startswith("-"):
         words.append(rest.pop(0))
-        if words[-1] not in ("deadletters", "bench"):
+        if words[-1] not in ("deadletters", "bench", "models"):
             break
     return [*words, *cfg, *rest]

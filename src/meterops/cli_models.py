@@ -1,4 +1,4 @@
-"""Model commands of the ``meterops`` CLI: ``backtest``, ``detect``.
+"""Model commands of the ``meterops`` CLI: ``backtest``, ``detect``, ``train``, ``models``.
 
 :func:`register` adds the commands to the main Typer app (called by
 ``meterops.cli``). Results go to stdout (one JSON document with
@@ -19,7 +19,17 @@ import typer
 
 from meterops.errors import ConfigError, InputError
 
-__all__ = ["backtest", "detect", "register"]
+__all__ = [
+    "backtest",
+    "detect",
+    "models_app",
+    "models_audit",
+    "models_list",
+    "models_promote",
+    "models_rollback",
+    "register",
+    "train",
+]
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -384,7 +394,297 @@ def _report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Project config (default: ./meterops.toml)."),
+]
+
+
+def _quiet_mlflow() -> None:
+    # MLflow logs INFO lines (schema creation, input example checks) on stderr;
+    # it sets its logger's level when imported, from this variable.
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _open_registry(config: Path | None) -> Any:
+    from meterops.registry import Registry
+    from meterops.settings import load_settings
+
+    _quiet_mlflow()
+    return Registry.from_settings(load_settings(config)).open()
+
+
+def _store_frame(settings: Any) -> tuple[Any, dict[str, Any]]:
+    """The stored readings and their lineage (store URL, committed bus offsets)."""
+    from meterops.bus.base import READINGS
+    from meterops.errors import MeterOpsError
+    from meterops.pipeline import Pipeline
+    from meterops.settings import redact_url
+    from meterops.types import REJECT
+
+    with Pipeline(settings) as pipeline:
+        frame = pipeline.store.readings().table.to_pandas()
+        lineage: dict[str, Any] = {
+            "source": "store",
+            "store": redact_url(settings.backends.store),
+        }
+        try:
+            lineage["bus"] = redact_url(settings.backends.bus)
+            lineage["bus_committed"] = {
+                str(k): v
+                for k, v in pipeline.bus.committed(settings.worker.group, READINGS).items()
+            }
+        except MeterOpsError as exc:
+            lineage["bus_committed"] = f"unavailable: {exc}"
+    if REJECT in frame.columns:
+        frame = frame[frame[REJECT].isna()]
+    frame = frame[[c for c in frame.columns if not str(c).startswith("_")]]
+    return frame.reset_index(drop=True), lineage
+
+
+def train(
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="CSV, CSV.gz or Parquet file (default: the readings in the store)."),
+    ] = None,
+    horizon: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--horizon", "-H", help="Horizon(s): steps (1) or durations (24h); repeat or comma."
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="Backtest folds (default: registry.folds).")
+    ] = None,
+    gate: Annotated[
+        bool, typer.Option("--gate/--no-gate", help="Run the champion gate after registering.")
+    ] = True,
+    margin: Annotated[
+        float | None, typer.Option(help="Relative margin to beat (default: registry.gate_margin).")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="rmse, mae, smape or mape (default: registry.gate_metric).")
+    ] = None,
+    n_estimators: Annotated[
+        int, typer.Option("--n-estimators", help="Boosting rounds (upper bound).")
+    ] = 600,
+    seed: Annotated[int, typer.Option(help="Random seed of the model.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    holidays: Annotated[
+        str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
+    ] = None,
+    config: ConfigOption = None,
+    meter_col: Annotated[
+        str, typer.Option("--meter-col", help="Column holding the meter id.")
+    ] = "meter_id",
+    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
+    value_col: Annotated[
+        str, typer.Option("--value-col", help="Column holding the value.")
+    ] = "value",
+    meter_id: Annotated[
+        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
+    ] = None,
+    timezone: Annotated[
+        str | None,
+        typer.Option("--timezone", help="Zone of naive timestamps and of the calendar."),
+    ] = None,
+) -> None:
+    """Train the GBM, backtest it, log it to MLflow as challenger and run the champion gate.
+
+    The run logs parameters, metrics per horizon (rmse_h24, ...), the data
+    range, lineage (data fingerprint, file hash or bus offsets), a CodeCarbon
+    estimate and the model. The gate promotes it only when it beats the
+    champion on the same backtest folds by the margin.
+
+    Example: meterops train fleet.csv --horizon 1 --horizon 24h --format json
+    """
+    from meterops.features import FeatureSpec
+    from meterops.models.gbm import GBMForecaster
+    from meterops.registry import (
+        CarbonTracker,
+        Registry,
+        backtest_forecaster,
+        data_fingerprint,
+        file_sha256,
+        input_example,
+    )
+    from meterops.settings import load_settings
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json; got {fmt!r}")
+    settings = load_settings(config)
+    reg = settings.registry
+    tz = timezone or settings.source.timezone
+    horizons = tuple(p for h in (horizon or ["1"]) for p in _split(h)) or ("1",)
+    _log_to_stderr()
+    _quiet_mlflow()
+    if data is not None:
+        file_format = _file_format(meter_col, ts_col, value_col, meter_id, tz, None, None)
+        frame, _ = _read_readings(data, file_format, with_labels=False)
+        lineage: dict[str, Any] = {
+            "source": "file",
+            "path": str(data.resolve()),
+            "file_sha256": file_sha256(data),
+        }
+    else:
+        frame, lineage = _store_frame(settings)
+        print(f"read {len(frame)} readings from the store", file=sys.stderr)
+    if frame.empty:
+        raise InputError("no readings to train on")
+    spec = FeatureSpec(timezone=tz, holidays=holidays)
+    model = GBMForecaster(horizons=horizons, features=spec, n_estimators=n_estimators, seed=seed)
+    with CarbonTracker(reg.carbon_country) as carbon:
+        scores, info = backtest_forecaster(frame, model, folds=folds or reg.folds)
+        model.fit(frame)
+    fingerprint = data_fingerprint(frame)
+    lineage["fingerprint"] = fingerprint
+    ts = frame["ts"]
+    data_range = {
+        "start": str(ts.min()),
+        "end": str(ts.max()),
+        "rows": len(frame),
+        "meters": int(frame["meter_id"].nunique()),
+    }
+    with Registry.from_settings(settings) as registry:
+        version = registry.log_training_run(
+            model,
+            {"folds": info.folds, "horizons": ",".join(horizons)},
+            scores,
+            data_range,
+            fingerprint,
+            carbon.emissions,
+            input_example(frame),
+            backtest=info,
+            lineage=lineage,
+        )
+        print(f"registered {reg.model_name} version {version} as challenger", file=sys.stderr)
+        verdict = None
+        if gate:
+            verdict = registry.gate(
+                version,
+                metric=metric or reg.gate_metric,
+                margin=reg.gate_margin if margin is None else margin,
+                data=frame,
+            )
+    document: dict[str, Any] = {
+        "model_name": reg.model_name,
+        "version": version,
+        "metrics": {f"h{h}": m for h, m in scores.items()},
+        "data": data_range,
+        "fingerprint": fingerprint,
+        "emissions": carbon.emissions.__dict__,
+        "gate": None if verdict is None else verdict.to_dict(),
+    }
+    if fmt == "json":
+        print(json.dumps(document, indent=2, default=_jsonable))
+        return
+    lines = [f"version {version} of {reg.model_name} (challenger)"]
+    for h, m in scores.items():
+        lines.append(f"  h{h}: rmse={m['rmse']:.4f} mae={m['mae']:.4f} points={m['n']}")
+    em = carbon.emissions
+    lines.append(f"  emissions: {em.kg_co2eq:.3g} kg CO2eq, {em.energy_kwh:.3g} kWh")
+    if verdict is None:
+        lines.append("  gate skipped (--no-gate)")
+    else:
+        lines.append(
+            ("  PROMOTED: " if verdict.promoted else "  kept as challenger: ") + verdict.reason
+        )
+    print("\n".join(lines))
+
+
+models_app = typer.Typer(
+    help="The model registry: list, promote, roll back, audit.\n\nExample: meterops models list",
+    no_args_is_help=True,
+)
+
+
+@models_app.command("list")
+def models_list(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    config: ConfigOption = None,
+) -> None:
+    """List registered versions with aliases, metrics and created time, newest first.
+
+    Example: meterops models list --format json
+    """
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json; got {fmt!r}")
+    with _open_registry(config) as registry:
+        versions = registry.list()
+    if fmt == "json":
+        print(json.dumps([v.to_dict() for v in versions], indent=2, default=_jsonable))
+        return
+    if not versions:
+        print("no model versions yet (train one with: meterops train DATA)")
+        return
+    print(f"{'version':>7}  {'aliases':<22} {'created':<21} {'model':<8} metrics")
+    for v in versions:
+        shown = {k: v.metrics[k] for k in sorted(v.metrics) if k.startswith(("rmse_", "mae_"))}
+        cells = " ".join(f"{k}={x:.4g}" for k, x in shown.items())
+        aliases = ",".join(v.aliases) or v.tags.get("status", "-")
+        print(
+            f"{v.version:>7}  {aliases:<22} {v.created:<21} {v.tags.get('model', '?'):<8} {cells}"
+        )
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version number to make champion.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")],
+    config: ConfigOption = None,
+) -> None:
+    """Make VERSION the champion now, bypassing the gate (audited).
+
+    Example: meterops models promote 3 --reason "gate margin too strict for winter data"
+    """
+    with _open_registry(config) as registry:
+        record = registry.promote(version, reason)
+    print(f"champion: version {record.from_version} -> {record.to_version} ({record.reason})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")],
+    config: ConfigOption = None,
+) -> None:
+    """Give the champion alias back to the previous champion (audited).
+
+    Example: meterops models rollback --reason "v4 drifts on meter m-17"
+    """
+    with _open_registry(config) as registry:
+        record = registry.rollback(reason)
+    print(f"champion: version {record.from_version} -> {record.to_version} ({record.reason})")
+
+
+@models_app.command("audit")
+def models_audit(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    config: ConfigOption = None,
+) -> None:
+    """Show every promotion and rollback: when, from which version to which, why.
+
+    Example: meterops models audit --format json
+    """
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json; got {fmt!r}")
+    with _open_registry(config) as registry:
+        records = registry.audit()
+    if fmt == "json":
+        print(json.dumps([r.to_dict() for r in records], indent=2, default=_jsonable))
+        return
+    if not records:
+        print("no promotions yet")
+    for r in records:
+        start = "-" if r.from_version is None else f"v{r.from_version}"
+        print(f"{r.at}  {r.action:<8} {start} -> v{r.to_version}  {r.reason}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the model commands (``backtest``, ``detect``) to ``app``."""
+    """Add the model commands (``backtest``, ``detect``, ``train``, ``models``) to ``app``."""
     app.command("backtest")(backtest)
     app.command("detect")(detect)
+    app.command("train")(train)
+    app.add_typer(models_app, name="models")

@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_NAME",
     "BackendSettings",
     "BusSettings",
+    "RegistrySettings",
     "Settings",
     "ValidationSettings",
     "WorkerSettings",
@@ -132,6 +133,32 @@ class SourceSettings(_Section):
     chunk_rows: int = Field(100_000, ge=1)
 
 
+class RegistrySettings(_Section):
+    """MLflow tracking and model registry (see :mod:`meterops.registry`).
+
+    ``tracking_uri`` is a local SQLite file by default (relative to the
+    project) or an MLflow tracking server URL (``http://host:5000``).
+    ``artifact_root`` is where a local backend keeps model files; a server
+    decides for itself.
+    """
+
+    tracking_uri: str = "sqlite:///.meterops/mlflow.db"
+    artifact_root: str = ".meterops/mlartifacts"
+    experiment: str = "meterops"
+    model_name: str = "meterops-forecaster"
+    gate_metric: str = "rmse"
+    gate_margin: float = Field(0.02, ge=0, lt=1)
+    folds: int = Field(3, ge=1)
+    carbon_country: str = Field("FRA", min_length=3, max_length=3)
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in ("rmse", "mae", "smape", "mape"):
+            raise ValueError(f"gate_metric must be rmse, mae, smape or mape; got {v!r}")
+        return v
+
+
 class Settings(BaseSettings):
     """All settings of one meterops project (see the module docstring for precedence)."""
 
@@ -145,6 +172,7 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     worker: WorkerSettings = WorkerSettings()
     source: SourceSettings = SourceSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -268,4 +296,16 @@ retry_for = 300           # seconds to keep retrying an unreachable bus or store
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files
 chunk_rows = 100000       # rows per message when publishing a file
+
+[registry]
+# MLflow tracking + model registry: a local SQLite file by default, or a
+# tracking server, e.g. tracking_uri = "http://mlflow-host:5000".
+tracking_uri = "sqlite:///.meterops/mlflow.db"
+artifact_root = ".meterops/mlartifacts"  # model files of a local backend
+experiment = "meterops"
+model_name = "meterops-forecaster"
+gate_metric = "rmse"      # rmse, mae, smape or mape, on the same backtest folds
+gate_margin = 0.02        # a challenger must beat the champion by 2 % (relative)
+folds = 3                 # rolling-origin backtest folds of a training run
+carbon_country = "FRA"    # ISO 3166 alpha-3 code for the CodeCarbon offline estimate
 """

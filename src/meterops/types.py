@@ -184,6 +184,10 @@ def iso_text(ts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return pc.strftime(ts, format="%Y-%m-%dT%H:%M:%SZ")
 
 
+def _printable(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return pc.replace_substring(text, "\x00", "\\x00")
+
+
 def deadletter_table(
     batch: ReadingBatch,
     reasons: np.ndarray,
@@ -194,7 +198,8 @@ def deadletter_table(
 
     ``reasons``, ``sources`` and ``offsets`` are aligned with the batch rows;
     timestamps and values are kept as text so that an unparseable input can be
-    shown and replayed exactly as it came.
+    shown and replayed exactly as it came. NUL characters, which no SQL text
+    column accepts, are written as the four characters ``\\x00``.
     """
     t = batch.table
     ts_text = iso_text(t.column("ts"))
@@ -204,11 +209,11 @@ def deadletter_table(
         {
             "source": pa.array(sources, pa.string()),
             "offset": pa.array(offsets, pa.int64()),
-            "meter_id": t.column("meter_id"),
+            "meter_id": _printable(t.column("meter_id")),
             "ts": ts_text,
             "value": value_text,
             "reason": pa.array(reasons, pa.string()),
-            "raw": raw,
+            "raw": _printable(raw),
         },
         schema=DEADLETTER_SCHEMA,
     )

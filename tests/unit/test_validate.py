@@ -116,3 +116,14 @@ def test_repeats_in_a_batch_same_value_dropped_other_value_rejected() -> None:
 def test_empty_batch() -> None:
     result = validate(ReadingBatch.empty(), ValidationSettings(), NOW)
     assert len(result.good) == 0 and result.duplicates == 0
+
+
+def test_dead_letters_escape_nul_characters() -> None:
+    import numpy as np
+
+    from meterops.types import deadletter_table
+
+    b = batch([("m\x00x", T0, 1.0)], **{RAW: ["m\x00x,2024,1"]})
+    table = deadletter_table(b, np.array(["invalid meter_id"]), np.array(["r/0"]), np.array([3]))
+    assert table.column("meter_id").to_pylist() == ["m\\x00x"]
+    assert table.column("raw").to_pylist() == ["m\\x00x,2024,1"]

@@ -3,9 +3,10 @@
 Promises every implementation keeps (checked by ``tests/contracts/test_bus.py``):
 
 * ``Producer.send`` splits a table by ``partition_for(meter_id)`` so one
-  meter's readings always land, in order, in one partition; when it returns
-  the rows are durable (for the embedded log: written to the OS; with
-  ``fsync`` on: on disk; for Kafka: acknowledged by the broker).
+  meter's readings always land, in order, in one partition. Rows are durable
+  when ``flush()`` (or ``close()``) returns, which raises if any failed: the
+  embedded log has written them to the OS by the time ``send`` returns (with
+  ``fsync`` on: to disk); Kafka once the broker acknowledged them.
 * A :class:`Consumer` belongs to a group; the group's members share the
   partitions, each partition owned by one live member at a time. ``poll``
   delivers messages from the committed offset on, in offset order.

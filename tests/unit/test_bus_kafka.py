@@ -1,0 +1,225 @@
+"""The Kafka bus beyond the contract: broker outages, dead members, message splitting, config.
+
+Tests marked ``kafka`` use the session's real broker (``tests/service_fixtures.py``);
+the others need no broker.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from meterops.backends import make_bus
+from meterops.bus.base import Consumer
+from meterops.bus.kafka import KafkaBus, build
+from meterops.errors import ConfigError, MissingDependency, Unavailable
+from meterops.services.base import Service, free_port
+from meterops.settings import Settings, load_settings
+from meterops.types import Message
+from tests.helpers import readings
+
+
+def settings_for(url: str, tmp_path: Path, **kafka: str) -> Settings:
+    return load_settings(None, project_dir=tmp_path, backends={"bus": url}, bus={"kafka": kafka})
+
+
+def open_bus(url: str, tmp_path: Path, **kafka: str) -> KafkaBus:
+    bus = make_bus(settings_for(url, tmp_path, **kafka))
+    assert isinstance(bus, KafkaBus)
+    return bus.open()
+
+
+def drain(consumer: Consumer, commit: bool) -> list[Message]:
+    got: list[Message] = []
+    while batch := consumer.poll(10_000, 0.5):
+        got.extend(batch)
+        if commit:
+            consumer.commit({(m.topic, m.partition): m.next_offset for m in batch})
+    return got
+
+
+def drain_at_least(consumer: Consumer, rows: int, deadline: float = 60) -> list[Message]:
+    """Poll and commit until ``rows`` rows came (or ``deadline`` s), then once more for extras.
+
+    After a broker restart the group coordinator reloads its offsets first,
+    which can take longer than a drain's idle window.
+    """
+    got: list[Message] = []
+    end = time.monotonic() + deadline
+    while sum(len(m) for m in got) < rows and time.monotonic() < end:
+        batch = consumer.poll(10_000, 0.5)
+        got.extend(batch)
+        consumer.commit({(m.topic, m.partition): m.next_offset for m in batch})
+    return got + drain(consumer, commit=True)
+
+
+def keys(messages: list[Message]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for m in messages:
+        ts = m.table.column("ts").cast(pa.int64()).to_pylist()
+        out.extend(zip(m.table.column("meter_id").to_pylist(), ts, strict=True))
+    return out
+
+
+def day_batch(day: int) -> pa.Table:
+    """20 meters x 24 hourly readings on day ``day`` of 2024: keys unique across days."""
+    start = (date(2024, 1, 1) + timedelta(days=day)).isoformat()
+    return readings(meters=20, steps=24, start=start, seed=day).table
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_broker_outage_mid_stream_loses_and_duplicates_nothing(
+    kafka_service: Service, kafka_url: str, tmp_path: Path
+) -> None:
+    bus = open_bus(kafka_url, tmp_path)
+    sent = 0
+    with bus:
+        with bus.producer() as producer:
+            for day in range(10):
+                sent += producer.send("readings", day_batch(day))
+            producer.flush()
+            with bus.consumer("g", ["readings"]) as consumer:  # reads and commits part one
+                first = drain(consumer, commit=True)
+            kafka_service.stop()
+            for day in range(10, 20):  # queued in the client while the broker is down
+                sent += producer.send("readings", day_batch(day))
+            kafka_service.start()
+            for day in range(20, 30):
+                sent += producer.send("readings", day_batch(day))
+            producer.flush()
+        with bus.consumer("g", ["readings"]) as consumer:
+            rest = drain_at_least(consumer, sent - sum(len(m) for m in first))
+        got = keys(first) + keys(rest)
+        assert len(first) > 0
+        assert len(got) == sent == 30 * 480
+        assert len(set(got)) == len(got)  # every row exactly once
+        assert bus.lag("g", "readings") == 0
+
+
+@pytest.mark.kafka
+def test_a_member_that_dies_without_commit_hands_its_messages_to_the_next(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    with open_bus(kafka_url, tmp_path) as bus:
+        with bus.producer() as producer:
+            for day in range(3):
+                producer.send("readings", day_batch(day))
+        doomed = bus.consumer("g", ["readings"])
+        committed = doomed.poll(1, 5.0)  # one message or so: committed
+        assert committed
+        doomed.commit({(m.topic, m.partition): m.next_offset for m in committed})
+        uncommitted = drain(doomed, commit=False)
+        assert uncommitted
+        doomed.close()  # gone without committing the rest
+        with bus.consumer("g", ["readings"]) as heir:
+            again = drain(heir, commit=True)
+        assert sorted((m.partition, m.offset) for m in again) == sorted(
+            (m.partition, m.offset) for m in uncommitted
+        )
+        assert sorted(keys(again)) == sorted(keys(uncommitted))
+        assert not set(keys(again)) & set(keys(committed))
+
+
+@pytest.mark.kafka
+def test_big_sends_are_split_into_messages_and_come_back_in_order(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    batch = readings(meters=1, steps=1050).table  # one meter: one partition
+    with open_bus(f"{kafka_url}&max_message_rows=100", tmp_path) as bus:
+        with bus.producer() as producer:
+            assert producer.send("readings", batch) == 1050
+        with bus.consumer("g", ["readings"]) as consumer:
+            got = drain(consumer, commit=True)
+    assert [len(m) for m in got] == [100] * 10 + [50]
+    assert [m.offset for m in got] == list(range(got[0].offset, got[0].offset + 11))
+    assert pa.concat_tables([m.table for m in got]).equals(batch)
+    assert all(not m.rows_numbered for m in got)
+
+
+@pytest.mark.kafka
+def test_a_topic_with_the_default_1mb_limit_takes_large_sends(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    with open_bus(kafka_url, tmp_path) as bus:
+        name = bus.topic_name("readings")
+        admin = AdminClient({"bootstrap.servers": bus.bootstrap})  # no max.message.bytes override
+        admin.create_topics([NewTopic(name, 2, 1)])[name].result()
+        batch = readings(meters=10, steps=30_000).table  # ~9 MB of Arrow
+        with bus.producer() as producer:
+            producer.send("readings", batch)
+        with bus.consumer("g", ["readings"]) as consumer:
+            got = drain(consumer, commit=True)
+        assert len(got) > 2
+        table = pa.concat_tables([m.table for m in got])
+        assert table.num_rows == batch.num_rows
+        assert sorted(keys(got)) == sorted(
+            zip(
+                batch.column("meter_id").to_pylist(),
+                batch.column("ts").cast(pa.int64()).to_pylist(),
+                strict=True,
+            )
+        )
+
+
+# -- no broker needed ----------------------------------------------------------
+
+
+def test_settings_bus_kafka_reach_every_client_and_secrets_stay_out_of_repr(
+    tmp_path: Path,
+) -> None:
+    extra = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "meterops",
+        "sasl.password": "s3cret-value",
+        "session.timeout.ms": "6000",
+    }
+    bus = build(
+        "kafka://k1:9092,k2:9092?prefix=prod.", settings_for("kafka://x:1", tmp_path, **extra)
+    )
+    for config in (bus.producer_config(), bus.consumer_config("g"), bus.admin_config()):
+        assert {k: config[k] for k in extra} == extra
+        assert config["bootstrap.servers"] == "k1:9092,k2:9092"
+    producer, consumer = bus.producer_config(), bus.consumer_config("workers")
+    assert producer["enable.idempotence"] is True and producer["acks"] == "all"
+    assert producer["compression.type"] == "lz4"
+    assert consumer["group.id"] == "workers" and consumer["enable.auto.commit"] is False
+    assert consumer["auto.offset.reset"] == "earliest"
+    assert bus.topic_name("readings") == "prod.readings"
+    assert "s3cret" not in repr(bus) and "s3cret" not in str(bus)
+
+
+def test_keys_that_carry_the_bus_promises_cannot_be_overridden(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"enable\.auto\.commit"):
+        build(
+            "kafka://k:9092",
+            settings_for("kafka://k:9092", tmp_path, **{"enable.auto.commit": "true"}),
+        )
+    with pytest.raises(ConfigError, match="valid ones are"):
+        build("kafka://k:9092?partitions=3", settings_for("kafka://k:9092", tmp_path))
+
+
+def test_flush_raises_unavailable_when_nothing_can_be_delivered(tmp_path: Path) -> None:
+    url = f"kafka://127.0.0.1:{free_port()}"  # nobody listens there
+    bus = build(url, settings_for(url, tmp_path, **{"message.timeout.ms": "500"}))
+    bus._partition_counts["readings"] = 4  # skip the admin round trip: no broker
+    producer = bus.producer()
+    assert producer.send("readings", readings(meters=3, steps=2).table) == 6  # queued
+    with pytest.raises(Unavailable, match="not delivered"):
+        producer.flush()
+    producer.close()  # nothing left: closes quietly
+
+
+def test_a_missing_driver_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)
+    bus = build("kafka://k:9092", settings_for("kafka://k:9092", tmp_path))
+    with pytest.raises(MissingDependency, match=r"meterops\[kafka\]"):
+        bus.open()
