@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterops.cli_models import register as register_model_commands
-from meterops.errors import InputError, MeterOpsError
+from meterops.errors import BackendError, InputError, MeterOpsError
 from meterops.settings import CONFIG_NAME, DEFAULT_TOML, Settings, load_settings, redact_url
 
 __all__ = ["app", "main"]
@@ -520,7 +520,10 @@ def _run_stack(
         with Pipeline(settings) as pipe:
             while duration is None or time.monotonic() - started < duration:
                 time.sleep(2)
-                _print_status(pipe.status())
+                try:
+                    _print_status(pipe.status())
+                except BackendError as exc:  # a busy or restarting service: say so, go on
+                    err.print(f"status unavailable for now: {exc}")
                 if procs["worker"].poll() is not None:
                     raise MeterOpsError("the worker exited; see its output above")
     except KeyboardInterrupt:

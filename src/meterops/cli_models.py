@@ -22,6 +22,7 @@ from meterops.errors import ConfigError, InputError
 __all__ = [
     "backtest",
     "detect",
+    "events",
     "models_app",
     "models_audit",
     "models_list",
@@ -595,6 +596,157 @@ def train(
     print("\n".join(lines))
 
 
+def events(
+    data: Annotated[Path, typer.Argument(help="CSV, CSV.gz or Parquet file of readings.")],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            "-t",
+            help="The event: COLUMN OP NUMBER, OP one of > >= < <= (e.g. 'precipitation>1');"
+            " COLUMN is the value column or a numeric covariate.",
+        ),
+    ],
+    horizon: Annotated[
+        str,
+        typer.Option(
+            "--horizon", "-H", help="The period ahead: steps (1) or a duration (1d, 24h)."
+        ),
+    ] = "1",
+    aggregation: Annotated[
+        str, typer.Option("--aggregation", help="sum, mean or max over the period.")
+    ] = "sum",
+    test_start: Annotated[
+        str | None,
+        typer.Option("--test-start", help="Single split: train before TS, test from TS on."),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Rolling-origin folds (without --test-start).")] = 3,
+    calibration: Annotated[
+        str, typer.Option("--calibration", help="platt, isotonic or none.")
+    ] = "platt",
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Write meter_id,ts,model,probability,event (CSV; event = observed outcome).",
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    holidays: Annotated[
+        str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
+    ] = None,
+    known_covariates: Annotated[
+        str | None,
+        typer.Option(
+            "--known-covariates",
+            help="Comma-separated covariates known in advance (never the event column).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the model.")] = 0,
+    config: ConfigOption = None,
+    meter_col: Annotated[
+        str, typer.Option("--meter-col", help="Column holding the meter id.")
+    ] = "meter_id",
+    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
+    value_col: Annotated[
+        str, typer.Option("--value-col", help="Column holding the value.")
+    ] = "value",
+    meter_id: Annotated[
+        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
+    ] = None,
+    timezone: Annotated[
+        str | None,
+        typer.Option("--timezone", help="Zone of naive timestamps and of the calendar."),
+    ] = None,
+    delimiter: Annotated[
+        str | None, typer.Option("--delimiter", help="CSV delimiter (default: sniff).")
+    ] = None,
+    ts_format: Annotated[
+        str | None,
+        typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'."),
+    ] = None,
+) -> None:
+    """Backtest an event probability model against climatology and persistence.
+
+    The event of target time t aggregates COLUMN over the period t - H + 1 .. t
+    and compares it with the threshold; every probability for t is made from
+    data up to t - H only. The model (calibrated LightGBM, `gbm`), `climatology`
+    (the training base rate) and `persistence` (the last known period's event)
+    are judged on the same rolling-origin folds: Brier, ROC-AUC, log loss and
+    F1 at a threshold chosen on training data only.
+
+    Example: meterops events seattle-weather.csv --ts-col date --value-col precipitation
+    --meter-id seattle --target "precipitation>1" --horizon 1d --format json
+    """
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from meterops.features import FeatureSpec
+    from meterops.models.events import EventTarget, backtest_events
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json; got {fmt!r}")
+    event = EventTarget.parse(target, horizon=horizon, aggregation=aggregation)
+    if event.column == value_col:  # the file's value column is `value` once read
+        event = replace(event, column="value")
+    _log_to_stderr()
+    tz = timezone or _timezone(config)
+    file_format = _file_format(meter_col, ts_col, value_col, meter_id, tz, delimiter, ts_format)
+    frame, _ = _read_readings(data, file_format, with_labels=False)
+    if frame.empty:
+        raise InputError(f"{data}: no readings to model")
+    spec = FeatureSpec(timezone=tz, holidays=holidays, known_covariates=_split(known_covariates))
+    start = None
+    if test_start is not None:
+        try:
+            start = pd.Timestamp(test_start)
+        except ValueError as exc:
+            raise InputError(f"--test-start: not a timestamp: {test_start!r}") from exc
+        if start.tzinfo is None:
+            start = start.tz_localize(tz, ambiguous=False, nonexistent="shift_forward")
+    document, preds = backtest_events(
+        frame,
+        event,
+        test_start=start,
+        folds=folds,
+        features=spec,
+        seed=seed,
+        params={"calibration": calibration},
+    )
+    if event.column == "value":  # report the event by the file's column name
+        document["target"]["column"] = value_col
+        document["event"] = str(replace(event, column=value_col))
+    if predictions is not None:
+        out = preds.copy()
+        out["ts"] = out["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        out["event"] = out["event"].astype("Int64")
+        out.to_csv(predictions, index=False)
+        print(f"wrote {len(out)} predictions to {predictions}", file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps(document, indent=2, default=_jsonable))
+    else:
+        print(_events_table(document))
+
+
+def _events_table(document: dict[str, Any]) -> str:
+    cols = ("brier", "roc_auc", "log_loss", "f1", "precision", "recall")
+    lines = [
+        f"event {document['event']} ({document['horizon_steps']} steps of {document['freq']}),"
+        f" {len(document['folds'])} fold(s), {document['meters']} meter(s)"
+    ]
+    for f in document["folds"]:
+        lines.append(
+            f"  fold {f['fold']}: {f['origin']} .. {f['end']}  base_rate={f['base_rate']:.3f}"
+            f"  threshold={f['thresholds']['gbm']:.3f}  points={f['test_points']}"
+        )
+    lines.append(f"{'model':<24}" + "".join(f"{c:>12}" for c in cols))
+    for name, m in document["models"].items():
+        cells = "".join(f"{'-':>12}" if m.get(c) is None else f"{m[c]:>12.4f}" for c in cols)
+        lines.append(f"{name:<24}{cells}")
+    return "\n".join(lines)
+
+
 models_app = typer.Typer(
     help="The model registry: list, promote, roll back, audit.\n\nExample: meterops models list",
     no_args_is_help=True,
@@ -683,8 +835,9 @@ def models_audit(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the model commands (``backtest``, ``detect``, ``train``, ``models``) to ``app``."""
+    """Add the model commands (``backtest``, ``detect``, ``train``, ``events``, ``models``)."""
     app.command("backtest")(backtest)
     app.command("detect")(detect)
     app.command("train")(train)
+    app.command("events")(events)
     app.add_typer(models_app, name="models")
