@@ -583,6 +583,49 @@ def bench_ingest_cmd(
     out.print("\n".join(lines))
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    meters: Annotated[int, typer.Option(help="Simulated meters.")] = 1_000,
+    days: Annotated[float, typer.Option(help="Days of hourly readings per meter.")] = 365.0,
+    test_days: Annotated[
+        float, typer.Option(help="Last days held out and forecast day ahead by both.")
+    ] = 14.0,
+    jobs: Annotated[
+        int | None, typer.Option(help="LightGBM threads on both sides (default: all cores).")
+    ] = None,
+    trees: Annotated[int, typer.Option(help="meterops's cap on boosting rounds.")] = 600,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Train time and peak memory of the global GBM (24 h), beside mlforecast on the same data.
+
+    Examples:
+      meterops bench train --format json          (1,000 meters x a year: 8.76 M rows)
+      meterops bench train --meters 100 --days 120
+    """
+    from meterops.bench_train import bench_train
+
+    rows = meters * round(days * 24)
+    err.print(f"bench train: {meters:,} meters x {days:g} days ({rows:,} readings) ...")
+    result = bench_train(meters, days, test_days=test_days, n_jobs=jobs, n_estimators=trees)
+    if fmt == "json":
+        print(json.dumps(result))
+        return
+    ours, peer = result["meterops"], result["peer"]
+    lines = [
+        f"{'run':<42}{'train s':>10}{'peak MB':>10}{'RMSE':>10}{'cover80':>9}",
+        f"{'meterops GBMForecaster (24h, 4 boosters)':<42}{ours['seconds']:>10,.1f}"
+        f"{ours['peak_rss_mb']:>10,.0f}{result['rmse']:>10.4f}{result['coverage_80']:>9.3f}",
+        f"{'  peer: mlforecast, same features/trees':<42}{peer['seconds']:>10,.1f}"
+        f"{peer['peak_rss_mb']:>10,.0f}{result['peer_rmse']:>10.4f}"
+        f"{result['peer_coverage_80']:>9.3f}",
+        f"ratio {result['ratio']:.2f}; {result['test_points']:,} test points; trees "
+        + ", ".join(f"{k} {v}" for k, v in result["trees"].items())
+        + f"; target {result['target']['seconds']:.0f} s / {result['target']['peak_rss_mb']:,.0f}"
+        f" MB: {'met' if result['within_target'] else 'missed'}",
+    ]
+    out.print("\n".join(lines))
+
+
 @app.callback()
 def _root(ctx: typer.Context) -> None:
     """MLOps for meter and sensor streams. Every command has --help with an example."""
