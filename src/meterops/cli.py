@@ -23,6 +23,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterops.cli_models import register as register_model_commands
+from meterops.cli_options import (
+    ConfigOpt,
+    Delim,
+    FormatOpt,
+    MeterCol,
+    MeterId,
+    TsCol,
+    TsFormat,
+    Tz,
+    ValueCol,
+)
 from meterops.errors import BackendError, InputError, MeterOpsError
 from meterops.settings import CONFIG_NAME, DEFAULT_TOML, Settings, load_settings, redact_url
 
@@ -45,12 +56,6 @@ register_model_commands(app)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help=f"Project config (default: ./{CONFIG_NAME})."),
-]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -78,21 +83,6 @@ def _file_format(
         delimiter=delimiter,
         ts_format=ts_format,
     )
-
-
-MeterCol = Annotated[str, typer.Option("--meter-col", help="Column holding the meter id.")]
-TsCol = Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")]
-ValueCol = Annotated[str, typer.Option("--value-col", help="Column holding the value.")]
-MeterId = Annotated[
-    str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
-]
-Tz = Annotated[
-    str | None, typer.Option("--timezone", help="Zone of naive timestamps (default: config).")
-]
-Delim = Annotated[str | None, typer.Option("--delimiter", help="CSV delimiter (default: sniff).")]
-TsFormat = Annotated[
-    str | None, typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'.")
-]
 
 
 ProfileOpt = Annotated[

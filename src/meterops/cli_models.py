@@ -17,6 +17,16 @@ from typing import Annotated, Any
 
 import typer
 
+from meterops.cli_options import (
+    ConfigOpt,
+    Delim,
+    MeterCol,
+    MeterId,
+    TsCol,
+    TsFormat,
+    Tz,
+    ValueCol,
+)
 from meterops.errors import ConfigError, InputError
 
 __all__ = [
@@ -70,31 +80,14 @@ def backtest(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the models.")] = 0,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="Project config (default: ./meterops.toml)."),
-    ] = None,
-    meter_col: Annotated[
-        str, typer.Option("--meter-col", help="Column holding the meter id.")
-    ] = "meter_id",
-    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
-    value_col: Annotated[
-        str, typer.Option("--value-col", help="Column holding the value.")
-    ] = "value",
-    meter_id: Annotated[
-        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
-    ] = None,
-    timezone: Annotated[
-        str | None,
-        typer.Option("--timezone", help="Zone of naive timestamps and of the calendar."),
-    ] = None,
-    delimiter: Annotated[
-        str | None, typer.Option("--delimiter", help="CSV delimiter (default: sniff).")
-    ] = None,
-    ts_format: Annotated[
-        str | None,
-        typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'."),
-    ] = None,
+    config: ConfigOpt = None,
+    meter_col: MeterCol = "meter_id",
+    ts_col: TsCol = "ts",
+    value_col: ValueCol = "value",
+    meter_id: MeterId = None,
+    timezone: Tz = None,
+    delimiter: Delim = None,
+    ts_format: TsFormat = None,
 ) -> None:
     """Backtest the baselines and the candidate models on the same rolling-origin folds.
 
@@ -214,31 +207,14 @@ def detect(
         float, typer.Option("--threshold", help="Score from which a reading is flagged.")
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Random seed of the multivariate detector.")] = 0,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="Project config (default: ./meterops.toml)."),
-    ] = None,
-    meter_col: Annotated[
-        str, typer.Option("--meter-col", help="Column holding the meter id.")
-    ] = "meter_id",
-    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
-    value_col: Annotated[
-        str, typer.Option("--value-col", help="Column holding the value.")
-    ] = "value",
-    meter_id: Annotated[
-        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
-    ] = None,
-    timezone: Annotated[
-        str | None,
-        typer.Option("--timezone", help="Zone of naive timestamps and of daily routines."),
-    ] = None,
-    delimiter: Annotated[
-        str | None, typer.Option("--delimiter", help="CSV delimiter (default: sniff).")
-    ] = None,
-    ts_format: Annotated[
-        str | None,
-        typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'."),
-    ] = None,
+    config: ConfigOpt = None,
+    meter_col: MeterCol = "meter_id",
+    ts_col: TsCol = "ts",
+    value_col: ValueCol = "value",
+    meter_id: MeterId = None,
+    timezone: Tz = None,
+    delimiter: Delim = None,
+    ts_format: TsFormat = None,
 ) -> None:
     """Score every reading for anomalies (spike, dropout, level shift, stuck value).
 
@@ -395,12 +371,6 @@ def _report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Project config (default: ./meterops.toml)."),
-]
-
-
 def _quiet_mlflow() -> None:
     # MLflow logs INFO lines (schema creation, input example checks) on stderr;
     # it sets its logger's level when imported, from this variable.
@@ -477,21 +447,12 @@ def train(
     holidays: Annotated[
         str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
     ] = None,
-    config: ConfigOption = None,
-    meter_col: Annotated[
-        str, typer.Option("--meter-col", help="Column holding the meter id.")
-    ] = "meter_id",
-    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
-    value_col: Annotated[
-        str, typer.Option("--value-col", help="Column holding the value.")
-    ] = "value",
-    meter_id: Annotated[
-        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
-    ] = None,
-    timezone: Annotated[
-        str | None,
-        typer.Option("--timezone", help="Zone of naive timestamps and of the calendar."),
-    ] = None,
+    config: ConfigOpt = None,
+    meter_col: MeterCol = "meter_id",
+    ts_col: TsCol = "ts",
+    value_col: ValueCol = "value",
+    meter_id: MeterId = None,
+    timezone: Tz = None,
 ) -> None:
     """Train the GBM, backtest it, log it to MLflow as challenger and run the champion gate.
 
@@ -643,28 +604,14 @@ def events(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the model.")] = 0,
-    config: ConfigOption = None,
-    meter_col: Annotated[
-        str, typer.Option("--meter-col", help="Column holding the meter id.")
-    ] = "meter_id",
-    ts_col: Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")] = "ts",
-    value_col: Annotated[
-        str, typer.Option("--value-col", help="Column holding the value.")
-    ] = "value",
-    meter_id: Annotated[
-        str | None, typer.Option("--meter-id", help="Meter id for a single-series file.")
-    ] = None,
-    timezone: Annotated[
-        str | None,
-        typer.Option("--timezone", help="Zone of naive timestamps and of the calendar."),
-    ] = None,
-    delimiter: Annotated[
-        str | None, typer.Option("--delimiter", help="CSV delimiter (default: sniff).")
-    ] = None,
-    ts_format: Annotated[
-        str | None,
-        typer.Option("--ts-format", help="strftime format, e.g. '%d/%m/%Y %H:%M:%S'."),
-    ] = None,
+    config: ConfigOpt = None,
+    meter_col: MeterCol = "meter_id",
+    ts_col: TsCol = "ts",
+    value_col: ValueCol = "value",
+    meter_id: MeterId = None,
+    timezone: Tz = None,
+    delimiter: Delim = None,
+    ts_format: TsFormat = None,
 ) -> None:
     """Backtest an event probability model against climatology and persistence.
 
@@ -756,7 +703,7 @@ models_app = typer.Typer(
 @models_app.command("list")
 def models_list(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
 ) -> None:
     """List registered versions with aliases, metrics and created time, newest first.
 
@@ -786,7 +733,7 @@ def models_list(
 def models_promote(
     version: Annotated[str, typer.Argument(help="Version number to make champion.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")],
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Make VERSION the champion now, bypassing the gate (audited).
 
@@ -800,7 +747,7 @@ def models_promote(
 @models_app.command("rollback")
 def models_rollback(
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")],
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Give the champion alias back to the previous champion (audited).
 
@@ -814,7 +761,7 @@ def models_rollback(
 @models_app.command("audit")
 def models_audit(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Show every promotion and rollback: when, from which version to which, why.
 
