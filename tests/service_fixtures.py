@@ -49,3 +49,25 @@ def postgres_url(postgres_service: Service) -> str:
 
     assert isinstance(postgres_service, PostgresService)
     return postgres_service.create_database(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_service(
+    postgres_service: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """An MLflow tracking server over a database of the session's PostgreSQL."""
+    from meterops.services.mlflow_server import MlflowServerService
+    from meterops.services.postgres import PostgresService
+
+    assert isinstance(postgres_service, PostgresService)
+    database = postgres_service.create_database(f"mlflow_{uuid.uuid4().hex[:10]}")
+    service = MlflowServerService(Path(tmp_path_factory.mktemp("mlflow")), database)
+    service.install()
+    with service:
+        yield service
+
+
+@pytest.fixture
+def mlflow_url(mlflow_service: Service) -> str:
+    """The session's tracking server URL; tests keep apart by experiment and model name."""
+    return mlflow_service.url

@@ -461,13 +461,24 @@ def up(
         if profile == "scaled":
             from meterops.services.stack import scaled_stack
 
-            out.print("starting Kafka and PostgreSQL on 127.0.0.1 (first time: installing) ...")
-            urls = stack.enter_context(
-                scaled_stack(settings.project_dir / ".meterops" / "services")
+            out.print(
+                "starting Kafka, PostgreSQL and an MLflow server on 127.0.0.1 "
+                "(first time: installing) ..."
             )
+            urls = dict(
+                stack.enter_context(
+                    scaled_stack(settings.project_dir / ".meterops" / "services", tracking=True)
+                )
+            )
+            tracking = urls.pop("tracking_uri")
             env.update({f"METEROPS_BACKENDS__{k.upper()}": v for k, v in urls.items()})
-            settings = _settings(config, backends=urls)
-            out.print(f"  bus:   {urls['bus']}\n  store: {redact_url(urls['store'])}")
+            env["METEROPS_REGISTRY__TRACKING_URI"] = tracking
+            registry = settings.registry.model_dump() | {"tracking_uri": tracking}
+            settings = _settings(config, backends=urls, registry=registry)
+            out.print(
+                f"  bus:      {urls['bus']}\n  store:    {redact_url(urls['store'])}\n"
+                f"  registry: {tracking}"
+            )
         _run_stack(settings, cfg, env, meters, replay_speed, sim_speed, duration)
 
 
