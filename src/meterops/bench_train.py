@@ -44,11 +44,14 @@ Identical:
 Not identical:
 
 * meterops trains twice: first on the earliest 80 % with early stopping on
-  the last 20 % and a conformal shift of the quantiles, then on everything
-  with the found rounds x 1.25. mlforecast has no such pass (its conformal
-  intervals refit per window), so the peer trains once, on everything, with
-  the trees meterops ended up with. The peer therefore does roughly half the
-  boosting work, and its quantiles are uncalibrated (compare
+  the last 20 % and a conformal shift of the quantiles, then the mean model
+  alone on everything with the found rounds x 1.25 (the quantile boosters
+  are the calibration-pass ones). Above ``GBMForecaster.max_train_rows``
+  (1 M) / ``quantile_rows`` (0.5 M) training rows, meterops boosts on a sample
+  stratified by meter and time (the full-size fleet does); the peer has no
+  such cap. mlforecast has no calibration pass (its conformal intervals
+  refit per window), so the peer trains once, on every row, with the trees
+  meterops ended up with, and its quantiles are uncalibrated (compare
   ``coverage_80``);
 * meterops has ``lag0`` and ``season1d_0`` as two columns holding the same
   value (both ``y[t - 24h]``); mlforecast takes a lag once (19 vs 20

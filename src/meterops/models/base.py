@@ -82,7 +82,8 @@ def prepare_frame(frame: pd.DataFrame) -> pd.DataFrame:
     if "meter_id" not in out.columns:
         out.insert(0, "meter_id", "series")
     out["meter_id"] = out["meter_id"].astype(str)
-    out["ts"] = _utc(out["ts"]).to_numpy()
+    # the tz-aware array itself: ``Series.to_numpy()`` would box every reading in a Timestamp
+    out["ts"] = _utc(out["ts"]).array
     return out
 
 
