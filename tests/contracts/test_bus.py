@@ -10,6 +10,7 @@ rebalance poll until the condition holds or a deadline passes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,12 +44,23 @@ def span(messages: list[Message]) -> int:
     return sum(m.next_offset - m.offset for m in messages)
 
 
-def poll_until(consumers: list[Consumer], done: Callable[[], bool], deadline: float = 30) -> None:
-    """Poll every consumer in turn until ``done()`` or ``deadline`` seconds passed."""
+def poll_until(consumers: list[Consumer], done: Callable[[], bool], deadline: float = 60) -> None:
+    """Each consumer polls in its own thread (as separate workers would) until ``done()``.
+
+    Polling them in turn from one thread would let one member's group join
+    block the other's, which a real deployment never does.
+    """
     end = time.monotonic() + deadline
-    while not done() and time.monotonic() < end:
-        for consumer in consumers:
+
+    def keep_polling(consumer: Consumer) -> None:
+        while not done() and time.monotonic() < end:
             consumer.poll(1, 0.3)
+
+    threads = [threading.Thread(target=keep_polling, args=(c,)) for c in consumers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class TestBusContract:

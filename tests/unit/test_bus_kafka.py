@@ -191,7 +191,7 @@ def test_settings_bus_kafka_reach_every_client_and_secrets_stay_out_of_repr(
     producer, consumer = bus.producer_config(), bus.consumer_config("workers")
     assert producer["enable.idempotence"] is True and producer["acks"] == "all"
     assert producer["compression.type"] == "lz4"
-    assert consumer["group.id"] == "workers" and consumer["enable.auto.commit"] is False
+    assert consumer["group.id"] == "prod.workers" and consumer["enable.auto.commit"] is False
     assert consumer["auto.offset.reset"] == "earliest"
     assert bus.topic_name("readings") == "prod.readings"
     assert "s3cret" not in repr(bus) and "s3cret" not in str(bus)

@@ -513,13 +513,21 @@ class KafkaBus(Bus):
     def consumer_config(self, group: str) -> dict[str, Any]:
         return self._config(
             CONSUMER_DEFAULTS,
-            {"group.id": group, "enable.auto.commit": False, "enable.auto.offset.store": False},
+            {
+                "group.id": self.group_name(group),
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+            },
         )
 
     def admin_config(self) -> dict[str, Any]:
         return self._config({}, {})
 
     # -- names -----------------------------------------------------------------
+    def group_name(self, group: str) -> str:
+        """Consumer groups live in the same namespace as the topics (``prefix + group``)."""
+        return self.prefix + group
+
     def topic_name(self, topic: str) -> str:
         name = self.prefix + topic
         if not _TOPIC_NAME.match(name):
@@ -662,14 +670,14 @@ class KafkaBus(Bus):
         name = self.topic_name(topic)
         n = self.partition_count(topic)
         request = kafka.ConsumerGroupTopicPartitions(
-            group, [kafka.TopicPartition(name, p) for p in range(n)]
+            self.group_name(group), [kafka.TopicPartition(name, p) for p in range(n)]
         )
 
         def call() -> Any:
             futures = self._admin_client().list_consumer_group_offsets(
                 [request], request_timeout=_ADMIN_TIMEOUT
             )
-            return futures[group].result()
+            return futures[self.group_name(group)].result()
 
         result = self._admin_call(call, f"reading offsets of group {group!r}")
         done = {
