@@ -10,7 +10,6 @@ rebalance poll until the condition holds or a deadline passes.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -44,23 +43,12 @@ def span(messages: list[Message]) -> int:
     return sum(m.next_offset - m.offset for m in messages)
 
 
-def poll_until(consumers: list[Consumer], done: Callable[[], bool], deadline: float = 60) -> None:
-    """Each consumer polls in its own thread (as separate workers would) until ``done()``.
-
-    Polling them in turn from one thread would let one member's group join
-    block the other's, which a real deployment never does.
-    """
+def poll_until(consumers: list[Consumer], done: Callable[[], bool], deadline: float = 30) -> None:
+    """Poll every consumer in turn until ``done()`` or ``deadline`` seconds passed."""
     end = time.monotonic() + deadline
-
-    def keep_polling(consumer: Consumer) -> None:
-        while not done() and time.monotonic() < end:
+    while not done() and time.monotonic() < end:
+        for consumer in consumers:
             consumer.poll(1, 0.3)
-
-    threads = [threading.Thread(target=keep_polling, args=(c,)) for c in consumers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
 
 
 class TestBusContract:
