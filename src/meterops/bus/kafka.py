@@ -169,6 +169,12 @@ def _transient(code: int) -> bool:
         ke.LEADER_NOT_AVAILABLE,
         ke.NOT_LEADER_FOR_PARTITION,
         ke.NETWORK_EXCEPTION,
+        ke.BROKER_NOT_AVAILABLE,
+        ke.NOT_ENOUGH_REPLICAS,
+        # A broker that just restarted is "fenced" for a moment and topic
+        # creation fails with this; a truly too-high replication factor then
+        # fails once the worker's retry_for runs out.
+        ke.INVALID_REPLICATION_FACTOR,
     }
 
 
