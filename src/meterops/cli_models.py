@@ -20,6 +20,8 @@ import typer
 from meterops.cli_options import (
     ConfigOpt,
     Delim,
+    FormatOpt,
+    HolidaysOpt,
     MeterCol,
     MeterId,
     TsCol,
@@ -68,10 +70,8 @@ def backtest(
         Path | None,
         typer.Option("--predictions", help="Write meter_id,ts,model,yhat,q10,q90 (CSV)."),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    holidays: Annotated[
-        str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
-    ] = None,
+    fmt: FormatOpt = "table",
+    holidays: HolidaysOpt = None,
     known_covariates: Annotated[
         str | None,
         typer.Option(
@@ -443,10 +443,8 @@ def train(
         int, typer.Option("--n-estimators", help="Boosting rounds (upper bound).")
     ] = 600,
     seed: Annotated[int, typer.Option(help="Random seed of the model.")] = 0,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    holidays: Annotated[
-        str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
-    ] = None,
+    fmt: FormatOpt = "table",
+    holidays: HolidaysOpt = None,
     config: ConfigOpt = None,
     meter_col: MeterCol = "meter_id",
     ts_col: TsCol = "ts",
@@ -592,10 +590,8 @@ def events(
             help="Write meter_id,ts,model,probability,event (CSV; event = observed outcome).",
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    holidays: Annotated[
-        str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
-    ] = None,
+    fmt: FormatOpt = "table",
+    holidays: HolidaysOpt = None,
     known_covariates: Annotated[
         str | None,
         typer.Option(
@@ -702,7 +698,7 @@ models_app = typer.Typer(
 
 @models_app.command("list")
 def models_list(
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    fmt: FormatOpt = "table",
     config: ConfigOpt = None,
 ) -> None:
     """List registered versions with aliases, metrics and created time, newest first.
@@ -760,7 +756,7 @@ def models_rollback(
 
 @models_app.command("audit")
 def models_audit(
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    fmt: FormatOpt = "table",
     config: ConfigOpt = None,
 ) -> None:
     """Show every promotion and rollback: when, from which version to which, why.

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigOpt",
     "Delim",
     "FormatOpt",
+    "HolidaysOpt",
     "MeterCol",
     "MeterId",
     "TsCol",
@@ -26,6 +27,9 @@ ConfigOpt = Annotated[
     typer.Option("--config", "-c", help=f"Project config (default: ./{CONFIG_NAME})."),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
+HolidaysOpt = Annotated[
+    str | None, typer.Option("--holidays", help="Public-holiday country code, e.g. FR.")
+]
 MeterCol = Annotated[str, typer.Option("--meter-col", help="Column holding the meter id.")]
 TsCol = Annotated[str, typer.Option("--ts-col", help="Column holding the timestamp.")]
 ValueCol = Annotated[str, typer.Option("--value-col", help="Column holding the value.")]
