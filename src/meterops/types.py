@@ -27,6 +27,9 @@ import pyarrow.compute as pc
 __all__ = [
     "DEADLETTER_SCHEMA",
     "KEY_COLUMNS",
+    "ONLINE_METRIC_SCHEMA",
+    "PREDICTION_SCHEMA",
+    "SCORE_SCHEMA",
     "RAW",
     "REJECT",
     "TS_TYPE",
@@ -57,6 +60,62 @@ DEADLETTER_SCHEMA = pa.schema(
         pa.field("value", pa.string()),
         pa.field("reason", pa.string()),
         pa.field("raw", pa.string()),
+    ]
+)
+
+#: One forecast issued by the stream: made when reading ``(meter_id, ts)`` was
+#: scored, for ``target_ts = ts + horizon`` steps; ``model`` names the model
+#: version that made it (lineage with ``source``/``offset``: the reading's bus
+#: position); ``scored_at`` is the wall clock in microseconds since the epoch.
+#: Key: ``(meter_id, ts, horizon)``.
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("meter_id", pa.string()),
+        pa.field("ts", TS_TYPE),
+        pa.field("horizon", pa.int32()),
+        pa.field("target_ts", TS_TYPE),
+        pa.field("yhat", pa.float64()),
+        pa.field("q10", pa.float64()),
+        pa.field("q50", pa.float64()),
+        pa.field("q90", pa.float64()),
+        pa.field("model", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("scored_at", pa.int64()),
+    ]
+)
+
+#: The anomaly verdict on one reading (key ``(meter_id, ts)``): ``expected`` is
+#: the one-step forecast made for it, ``score`` in [0, 1].
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("meter_id", pa.string()),
+        pa.field("ts", TS_TYPE),
+        pa.field("value", pa.float64()),
+        pa.field("expected", pa.float64()),
+        pa.field("score", pa.float64()),
+        pa.field("is_anomaly", pa.bool_()),
+        pa.field("model", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("scored_at", pa.int64()),
+    ]
+)
+
+#: Prequential metrics of the online model for one micro-batch of one
+#: partition (key ``(model, source, offset)``: the first bus offset of the
+#: batch), as sums so they aggregate exactly over any span.
+ONLINE_METRIC_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("recorded_at", pa.int64()),
+        pa.field("n", pa.int64()),
+        pa.field("sse", pa.float64()),
+        pa.field("sae", pa.float64()),
+        pa.field("persistence_sse", pa.float64()),
+        pa.field("persistence_sae", pa.float64()),
     ]
 )
 

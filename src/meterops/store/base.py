@@ -11,6 +11,13 @@ Promises every implementation keeps (checked by ``tests/contracts/test_store.py`
   it lake-pending; the worker exports the new rows to the lake and then calls
   ``lake_done``. A crash in between leaves the batch pending and
   ``pending_lake_batches`` lets the next worker finish the export.
+* What the stream scored with a batch (:class:`Scored`: predictions, anomaly
+  scores, online-model metrics and state checkpoints) is written in the same
+  transaction. Predictions and scores are insert-if-absent by key, so a
+  redelivered batch keeps the first verdict (and its model version); the
+  actual of every prediction is filled in as soon as both the prediction and
+  the reading for its ``target_ts`` are stored, whichever comes first, which
+  is what live accuracy (:meth:`Store.accuracy`) is computed from.
 """
 
 from __future__ import annotations
@@ -27,20 +34,50 @@ import pyarrow as pa
 
 from meterops.types import ReadingBatch
 
-__all__ = ["DUPLICATE_REASON", "Store", "StoreCounts", "WriteResult"]
+__all__ = ["DUPLICATE_REASON", "Checkpoint", "Scored", "Store", "StoreCounts", "WriteResult"]
 
 DUPLICATE_REASON = "duplicate with a different value"
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Opaque state saved with a batch: ``state`` bytes plus the JSON-able ``offsets`` it covers."""
+
+    name: str
+    state: bytes
+    offsets: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the stream computed for one micro-batch, stored with it in one transaction.
+
+    Tables follow ``types.PREDICTION_SCHEMA``, ``types.SCORE_SCHEMA`` and
+    ``types.ONLINE_METRIC_SCHEMA``; any of them may be empty.
+    """
+
+    predictions: pa.Table
+    scores: pa.Table
+    online_metrics: pa.Table
+    checkpoints: Sequence[Checkpoint] = ()
+
+
+@dataclass(frozen=True)
 class WriteResult:
-    """What one ``write`` did. ``new_mask`` marks the rows of ``good`` that were new."""
+    """What one ``write`` did. ``new_mask`` marks the rows of ``good`` that were new.
+
+    ``predictions``/``scores`` count rows inserted (a redelivery inserts 0);
+    ``actuals`` counts predictions whose actual was filled in by this write.
+    """
 
     batch_id: int
     inserted: int
     duplicates: int
     deadletters: int
     new_mask: np.ndarray = field(repr=False)
+    predictions: int = 0
+    scores: int = 0
+    actuals: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +87,8 @@ class StoreCounts:
     deadletters: int
     deadletters_by_reason: dict[str, int]
     last_ts: pd.Timestamp | None
+    predictions: int = 0
+    anomalies: int = 0
 
 
 class Store(ABC):
@@ -80,6 +119,7 @@ class Store(ABC):
         dead: pa.Table,
         lineage: Mapping[str, Any],
         origins: pa.Table | None = None,
+        scored: Scored | None = None,
     ) -> WriteResult:
         """Store validated readings and dead letters in one transaction.
 
@@ -87,7 +127,9 @@ class Store(ABC):
         ``types.DEADLETTER_SCHEMA``; ``lineage`` is JSON-able (bus offsets);
         ``origins`` (columns source, offset, aligned with ``good``) keys the
         dead letters made here from conflicting duplicates, so a redelivery
-        does not record them twice.
+        does not record them twice. ``scored`` is stored in the same
+        transaction (see the module docstring); checkpoints replace the ones
+        of the same name.
         """
 
     @abstractmethod
@@ -114,7 +156,55 @@ class Store(ABC):
 
     @abstractmethod
     def meters(self) -> pd.DataFrame:
-        """One row per meter: ``meter_id, first_ts, last_ts, readings, registered``."""
+        """One row per meter: ``meter_id, first_ts, last_ts, readings, registered, cluster``.
+
+        ``cluster`` is the load-profile cluster (nullable int) set by :meth:`set_clusters`.
+        """
+
+    @abstractmethod
+    def set_clusters(self, clusters: Mapping[str, int]) -> None:
+        """Record each meter's load-profile cluster (meters not stored yet are added)."""
+
+    @abstractmethod
+    def predictions(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        horizon: int | None = None,
+    ) -> pd.DataFrame:
+        """Stored predictions with ``start <= ts < end``: ``PREDICTION_SCHEMA`` columns
+        plus ``actual`` (NaN until the reading for ``target_ts`` is stored), ordered by
+        meter, ts, horizon."""
+
+    @abstractmethod
+    def scores(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        anomalies_only: bool = False,
+    ) -> pd.DataFrame:
+        """Stored anomaly scores (``SCORE_SCHEMA`` columns) ordered by meter and ts."""
+
+    @abstractmethod
+    def accuracy(
+        self, since: pd.Timestamp | None = None, by_meter: bool = True
+    ) -> pd.DataFrame:
+        """Live accuracy of predictions whose actual is known (``target_ts >= since``).
+
+        Columns ``meter_id`` (only with ``by_meter``), ``horizon``, ``n``,
+        ``rmse``, ``mae``, ``coverage`` (share of actuals within ``[q10, q90]``),
+        one row per (meter, horizon), or per horizon without ``by_meter``.
+        """
+
+    @abstractmethod
+    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Online-model metrics per micro-batch (``ONLINE_METRIC_SCHEMA``), oldest first."""
+
+    @abstractmethod
+    def checkpoint(self, name: str) -> Checkpoint | None:
+        """The last checkpoint saved under ``name``, or None."""
 
     @abstractmethod
     def register_meters(self, meter_ids: Sequence[str]) -> None:
