@@ -217,17 +217,85 @@ def replay(
     timezone: Tz = None,
     delimiter: Delim = None,
     ts_format: TsFormat = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Tabular mode: stream a table of features plus this numeric column and score "
+            "an online regressor per micro-batch (the reading options do not apply)."
+        ),
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(help="With --target: comma-separated feature columns (default: all others)."),
+    ] = None,
+    batch_rows: Annotated[
+        int | None, typer.Option(help="With --target: rows per micro-batch (default 20).")
+    ] = None,
+    shuffle: Annotated[
+        bool, typer.Option("--shuffle", help="With --target: stream the rows in random order.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="With --shuffle: random seed.")] = 0,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Replay a file into the bus in timestamp order (workers store it).
 
-    Example: meterops replay data/uci_household_power_hourly.csv.gz --speed 36000
+    With --target, replay a table instead (the Kappa-stream scenario): its
+    rows go to the bus topic "tabular", come back through a consumer group in
+    micro-batches, and an online ridge regressor predicts each micro-batch
+    before learning from it; one line per micro-batch gives its RMSE, MAE and
+    cumulative RMSE beside a running-mean baseline.
+
+    Examples:
+      meterops replay data/uci_household_power_hourly.csv.gz --speed 36000
+      meterops replay data/vehicles_co2.csv --target co2_g_km --format json
     """
     settings = _settings(config)
-    fmt = _file_format(
-        meter_col, ts_col, value_col, meter_id, timezone, settings, delimiter, ts_format
+    if target is None:
+        tabular_only = {
+            "--features": features is not None,
+            "--batch-rows": batch_rows is not None,
+            "--shuffle": shuffle,
+            "--format": fmt != "table",
+        }
+        given = [name for name, on in tabular_only.items() if on]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise InputError(f"{', '.join(given)} {verb} --target COLUMN (tabular mode)")
+        fmt_in = _file_format(
+            meter_col, ts_col, value_col, meter_id, timezone, settings, delimiter, ts_format
+        )
+        sent = _publish_file(settings, file, fmt_in, speed)
+        out.print(f"published {sent} readings to the bus")
+        return
+    from meterops import kappa
+
+    readings_only = {
+        "--speed": speed is not None,
+        "--meter-col": meter_col != "meter_id",
+        "--ts-col": ts_col != "ts",
+        "--value-col": value_col != "value",
+        "--meter-id": meter_id is not None,
+        "--timezone": timezone is not None,
+        "--ts-format": ts_format is not None,
+    }
+    given = [name for name, on in readings_only.items() if on]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise InputError(f"{', '.join(given)} {verb} to readings, not with --target")
+    notes = err if fmt == "json" else out
+    kappa.run(
+        settings,
+        file,
+        target,
+        features=None if features is None else features.split(","),
+        batch_rows=20 if batch_rows is None else batch_rows,
+        shuffle=shuffle,
+        seed=seed,
+        delimiter=delimiter,
+        fmt=fmt,
+        emit=lambda line: print(line, flush=True),
+        note=lambda text: notes.print(text, markup=False, highlight=False),
     )
-    sent = _publish_file(settings, file, fmt, speed)
-    out.print(f"published {sent} readings to the bus")
 
 
 @app.command()
