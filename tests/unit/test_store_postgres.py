@@ -16,7 +16,14 @@ import pytest
 from meterops.errors import Unavailable
 from meterops.services.base import Service, free_port
 from meterops.services.postgres import PostgresService, copy_ceiling
-from meterops.store.postgres import MIGRATIONS, PostgresStore, copy_binary
+from meterops.store.postgres import (
+    BY_INDEX,
+    FILL_ACTUALS,
+    MIGRATIONS,
+    STORED_VALUES,
+    PostgresStore,
+    copy_binary,
+)
 from meterops.types import DEADLETTER_SCHEMA, ReadingBatch
 from tests.helpers import readings
 
@@ -225,3 +232,42 @@ def test_a_connection_killed_mid_write_leaves_nothing_behind(
         assert len(store.pending_lake_batches()) == 1
         assert store.write(second, NO_DEAD, {}).inserted == len(second)
         assert store.counts().readings == len(first) + len(second)
+
+
+def test_the_actual_joins_probe_the_indexes(postgres_url: str) -> None:
+    """The joins of a batch with the stored tables never scan a stored table."""
+    import psycopg
+
+    from meterops.store.base import Scored
+    from meterops.types import ONLINE_METRIC_SCHEMA, PREDICTION_SCHEMA, SCORE_SCHEMA
+
+    batch = readings(meters=20, steps=50)
+    t = batch.table
+    n = t.num_rows
+    ts = t.column("ts").cast(pa.int64()).to_numpy()
+    preds = pa.table(
+        {
+            "meter_id": t.column("meter_id"),
+            "ts": t.column("ts"),
+            "horizon": pa.array(np.ones(n, np.int32)),
+            "target_ts": pa.array(ts + 3_600_000_000).cast(t.column("ts").type),
+            **{q: t.column("value") for q in ("yhat", "q10", "q50", "q90")},
+            "model": ["m"] * n,
+            "source": ["r/0"] * n,
+            "offset": np.arange(n),
+            "scored_at": np.zeros(n, np.int64),
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+    scored = Scored(preds, SCORE_SCHEMA.empty_table(), ONLINE_METRIC_SCHEMA.empty_table())
+    with PostgresStore(postgres_url).open() as store:
+        assert store.write(batch, NO_DEAD, {}, scored=scored).actuals == 20 * 49
+    with psycopg.connect(postgres_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("ANALYZE")  # even with statistics saying the tables are small
+        conn.execute(BY_INDEX)
+        conn.execute("CREATE TEMP TABLE _r AS SELECT meter_id, ts, value FROM readings LIMIT 500")
+        conn.execute("CREATE TEMP TABLE _q AS SELECT 0::bigint AS i, meter_id, ts FROM readings")
+        for sql, index in ((FILL_ACTUALS, "predictions_target"), (STORED_VALUES, "readings_pkey")):
+            plan = "\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {sql}").fetchall())
+            assert f"Index Scan using {index}" in plan, plan
+            assert "Seq Scan on predictions" not in plan and "Seq Scan on readings" not in plan

@@ -188,9 +188,7 @@ class Store(ABC):
         """Stored anomaly scores (``SCORE_SCHEMA`` columns) ordered by meter and ts."""
 
     @abstractmethod
-    def accuracy(
-        self, since: pd.Timestamp | None = None, by_meter: bool = True
-    ) -> pd.DataFrame:
+    def accuracy(self, since: pd.Timestamp | None = None, by_meter: bool = True) -> pd.DataFrame:
         """Live accuracy of predictions whose actual is known (``target_ts >= since``).
 
         Columns ``meter_id`` (only with ``by_meter``), ``horizon``, ``n``,

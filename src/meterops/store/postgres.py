@@ -19,7 +19,16 @@ migrations). A ``write`` is one transaction:
    rows it actually inserted, then an index lookup that sorts the rest into
    duplicates (same value) and conflicts (dead letters keyed by origin);
 4. dead letters go in with one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT
-   (source, "offset") DO NOTHING``, and the batch is recorded for the lake.
+   (source, "offset") DO NOTHING``, and the batch is recorded for the lake;
+5. what the stream scored follows the same pattern: predictions (with the
+   actuals already known, found by an Arrow join with the new readings) and
+   scores are each one binary ``COPY`` straight into their keyed table in a
+   savepoint, or on a stored key (a redelivery) a ``COPY`` into a temp table
+   and ``INSERT ... ON CONFLICT DO NOTHING``; stored predictions waiting for
+   the new readings get their actual by one ``UPDATE`` joined by index with
+   the new readings (``COPY``-ed to a temp table: binding arrays costs more).
+   ``predictions`` keeps 30 % free room per page so that update stays on its
+   page ("HOT") without new index entries.
 
 Timestamps are ``int8`` microseconds since the Unix epoch (UTC), as in SQLite:
 the binary ``COPY`` takes Arrow's int64 buffer as it is and reads parse plain
@@ -50,24 +59,65 @@ import pyarrow.csv as pacsv
 from meterops.errors import BackendError, ConfigError, MissingDependency, Unavailable
 from meterops.settings import Settings
 from meterops.store._sql import (
+    NOTHING_INSERTED,
+    NOTHING_SCORED,
+    ONLINE_METRICS,
     POSTGRES,
+    PREDICTION_KEY,
+    PREDICTIONS,
     RESERVED,
+    SCORE_KEY,
+    SCORES,
+    accuracy_frame,
+    accuracy_sql,
+    by_key,
     check_covariate,
+    checkpoint_from,
+    checkpoint_rows,
     conflict_letters,
+    empty_frame,
+    meter_tallies,
     migrations,
     now_us,
+    prediction_rows,
+    score_rows,
+    span_table,
     statements,
+    typed_frame,
 )
-from meterops.store.base import Store, StoreCounts, WriteResult
-from meterops.types import DEADLETTER_SCHEMA, TS_TYPE, ReadingBatch, schema_for
+from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
+from meterops.types import (
+    DEADLETTER_SCHEMA,
+    KEY_COLUMNS,
+    ONLINE_METRIC_SCHEMA,
+    PREDICTION_SCHEMA,
+    SCORE_SCHEMA,
+    TS_TYPE,
+    ReadingBatch,
+    schema_for,
+)
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import ConnectionPool
 
-__all__ = ["MIGRATIONS", "PostgresStore", "build", "copy_binary"]
+__all__ = [
+    "BY_INDEX",
+    "FILL_ACTUALS",
+    "MIGRATIONS",
+    "STORED_VALUES",
+    "PostgresStore",
+    "build",
+    "copy_binary",
+]
 
 MIGRATIONS: list[str] = migrations(POSTGRES)
+
+_CHECKPOINT_UPSERT = (
+    "INSERT INTO checkpoints (name, state, offsets, updated_at) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (name) DO UPDATE SET state = excluded.state, offsets = excluded.offsets, "
+    "updated_at = excluded.updated_at"
+)
 
 # Keys of the transaction-level advisory locks (per database).
 _MIGRATION_LOCK = 0x6D6574_0001
@@ -84,6 +134,23 @@ _METERS_FROM_ARRAYS = (
     "INSERT INTO meters AS m (meter_id, first_ts, last_ts, readings) "  # noqa: S608 - constant
     "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) ORDER BY 1 "
     + _METERS_UPSERT
+)
+
+# The actual-joins, run under ``BY_INDEX`` (so by index, row by row):
+# stored predictions waiting for the new readings staged in ``_r``, and the
+# stored readings for the predictions staged in ``_q``.
+BY_INDEX = (
+    "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; "
+    "SET LOCAL enable_seqscan = off"
+)
+FILL_ACTUALS = (
+    "UPDATE predictions p SET actual = r.value FROM _r r "
+    "WHERE p.meter_id = r.meter_id AND p.target_ts = r.ts "
+    "AND p.actual IS NULL AND r.value IS NOT NULL"
+)
+STORED_VALUES = (
+    "SELECT q.i, r.value FROM _q q JOIN readings r ON r.meter_id = q.meter_id AND r.ts = q.ts "
+    "WHERE r.value IS NOT NULL"
 )
 
 _POOL_OPTIONS = {"pool_min": int, "pool_max": int, "pool_timeout": float}
@@ -109,9 +176,9 @@ def _put(buf: np.ndarray, at: np.ndarray, data: np.ndarray) -> None:
 def copy_binary(columns: Sequence[pa.Array | pa.ChunkedArray]) -> bytes:
     """Encode equal-length Arrow columns as one PostgreSQL binary ``COPY`` stream.
 
-    Strings become ``text`` (no nulls), integers and timestamps ``int8`` (the
-    timestamp's integer value), floats ``float8``; nulls in numeric columns
-    become SQL NULL. Vectorised with NumPy: no Python call per row.
+    Strings become ``text``, integers, booleans and timestamps ``int8`` (the
+    timestamp's integer value, 0/1), floats ``float8``; nulls become SQL NULL.
+    Vectorised with NumPy: no Python call per row.
 
     >>> data = copy_binary([pa.array(["a"]), pa.array([1]), pa.array([None], pa.float64())])
     >>> data[19:]
@@ -124,8 +191,10 @@ def copy_binary(columns: Sequence[pa.Array | pa.ChunkedArray]) -> bytes:
     for arr in arrays:
         kind = arr.type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            valid = None
             if arr.null_count:
-                raise ValueError("text columns for COPY may not hold nulls")
+                valid = arr.is_valid().to_numpy(zero_copy_only=False)
+                arr = arr.fill_null("")  # nulls become empty slots, sent as SQL NULL below
             width = np.int64 if pa.types.is_large_string(kind) else np.int32
             _, offsets_buf, data_buf = arr.buffers()
             offsets = np.frombuffer(offsets_buf, dtype=width)[arr.offset : arr.offset + n + 1]
@@ -136,9 +205,14 @@ def copy_binary(columns: Sequence[pa.Array | pa.ChunkedArray]) -> bytes:
                 else np.zeros(0, np.uint8)
             )
             lengths = np.diff(offsets)
-            fields.append((lengths, (offsets, data)))
             row_size += 4 + lengths
+            if valid is not None:
+                lengths = np.where(valid, lengths, -1)
+            fields.append((lengths, (offsets, data)))
             continue
+        if pa.types.is_boolean(kind):
+            arr = pc.cast(arr, pa.int64())
+            kind = arr.type
         if pa.types.is_timestamp(kind) or pa.types.is_integer(kind):
             values = pc.cast(arr, pa.int64()).fill_null(0).to_numpy().astype(">i8")
         elif pa.types.is_floating(kind):
@@ -167,10 +241,11 @@ def copy_binary(columns: Sequence[pa.Array | pa.ChunkedArray]) -> bytes:
         if isinstance(payload, tuple):  # text
             offsets, data = payload
             first, last = int(offsets[0]), int(offsets[-1])
+            sizes = np.maximum(lengths, 0)
             if last > first:
-                shift = np.repeat(pos - (offsets[:-1] - first), lengths)
+                shift = np.repeat(pos - (offsets[:-1] - first), sizes)
                 buf[np.arange(last - first, dtype=np.int64) + shift] = data[first:last]
-            pos = pos + lengths
+            pos = pos + sizes
         else:
             valid = lengths > 0
             if valid.all():
@@ -209,6 +284,111 @@ def _redacted(url: str) -> str:
 
 def _quoted(names: Sequence[str]) -> str:
     return "".join(f', "{check_covariate(x)}"' for x in names)
+
+
+def _scalar(conn: psycopg.Connection[tuple[Any, ...]], sql: str) -> Any:
+    row = conn.execute(sql).fetchone()
+    return row[0] if row else None
+
+
+def _column_defs(schema: pa.Schema) -> str:
+    """Temp-table columns matching what :func:`copy_binary` sends for ``schema``."""
+
+    def sql_type(kind: pa.DataType) -> str:
+        if pa.types.is_string(kind):
+            return 'TEXT COLLATE "C"'
+        if pa.types.is_floating(kind):
+            return "DOUBLE PRECISION"
+        return "BIGINT"  # integers, timestamps, booleans
+
+    return ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in schema)
+
+
+def _copy_into(conn: psycopg.Connection[tuple[Any, ...]], table: str, rows: pa.Table) -> bool:
+    """COPY ``rows`` (columns named as in ``table``) straight into ``table``; False if a key
+    is stored already (the savepoint undoes the partial COPY)."""
+    import psycopg
+
+    columns = ", ".join(f'"{name}"' for name in rows.column_names)
+    payload = copy_binary(rows.columns)
+    try:
+        with (
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT binary)") as copy,
+        ):
+            copy.write(payload)
+    except psycopg.errors.UniqueViolation:
+        return False
+    return True
+
+
+def _stage(conn: psycopg.Connection[tuple[Any, ...]], name: str, rows: pa.Table) -> None:
+    """COPY ``rows`` into a new temp table ``name`` (dropped at commit)."""
+    conn.execute(f"CREATE TEMP TABLE {name} ({_column_defs(rows.schema)}) ON COMMIT DROP")
+    with conn.cursor() as cur, cur.copy(f"COPY {name} FROM STDIN (FORMAT binary)") as copy:
+        copy.write(copy_binary(rows.columns))
+
+
+def _insert_new(
+    conn: psycopg.Connection[tuple[Any, ...]],
+    table: str,
+    rows: pa.Table,
+    column: str,
+    key: Sequence[str],
+) -> pa.Table:
+    """Insert the rows (in key order) whose key is not stored; return the ``meter_id``
+    and ``column`` of those inserted.
+
+    The common case, none of them stored, is one binary ``COPY`` straight into
+    the keyed table, and the answer is ``rows`` itself; if some were stored (a
+    redelivery), a ``COPY`` into a temp table and ``INSERT ... ON CONFLICT DO
+    NOTHING RETURNING`` say which went in.
+    """
+    if _copy_into(conn, table, rows):
+        return rows.select(["meter_id", column])
+    _stage(conn, "_new", rows)
+    columns = ", ".join(f'"{name}"' for name in rows.column_names)
+    found = conn.execute(
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _new "  # noqa: S608
+        f'ORDER BY {", ".join(key)} ON CONFLICT DO NOTHING RETURNING meter_id, "{column}"'
+    ).fetchall()
+    conn.execute("DROP TABLE _new")
+    kind = rows.schema.field(column).type
+    return pa.table(
+        {
+            "meter_id": pa.array([r[0] for r in found], pa.string()),
+            column: pa.array([r[1] for r in found]).cast(kind),
+        }
+    )
+
+
+def _spans(conn: psycopg.Connection[tuple[Any, ...]], meter_ids: list[str]) -> pa.Table:
+    """``meter_id, first_ts, last_ts`` of the stored meters among ``meter_ids``."""
+    found = conn.execute(
+        "SELECT meter_id, first_ts, last_ts FROM meters "
+        "WHERE meter_id = ANY(%s::text[]) AND last_ts IS NOT NULL",
+        (meter_ids,),
+    ).fetchall()
+    return span_table(found)
+
+
+def _stored_values(conn: psycopg.Connection[tuple[Any, ...]], rows: pa.Table) -> np.ndarray:
+    """The stored reading value at each row's (meter_id, target_ts), NaN if none."""
+    keys = pa.table(
+        {
+            "i": pa.array(np.arange(rows.num_rows, dtype=np.int64)),
+            "meter_id": rows.column("meter_id"),
+            "ts": rows.column("target_ts"),
+        }
+    )
+    _stage(conn, "_q", keys)
+    values = np.full(rows.num_rows, np.nan)
+    found = conn.execute(STORED_VALUES).fetchall()
+    conn.execute("DROP TABLE _q")
+    for i, value in found:
+        values[i] = value
+    return values
 
 
 class PostgresStore(Store):
@@ -371,6 +551,7 @@ class PostgresStore(Store):
         dead: pa.Table,
         lineage: Mapping[str, Any],
         origins: pa.Table | None = None,
+        scored: Scored | None = None,
     ) -> WriteResult:
         covs = list(good.covariates)
         for name in covs:
@@ -407,6 +588,8 @@ class PostgresStore(Store):
                                 ]
                             )
                     written_dead = self._insert_deadletters(conn, letters)
+                    tally = self._write_scored(conn, scored or NOTHING_SCORED, good, new_mask)
+                    predictions, _, scores, actuals = tally
                     conn.execute(
                         "UPDATE batches SET inserted = %s WHERE id = %s", (inserted, batch_id)
                     )
@@ -414,7 +597,80 @@ class PostgresStore(Store):
                 # Our covariate cache may hold columns a rolled-back ALTER never made.
                 self._covariates = []
                 raise
-        return WriteResult(batch_id, inserted, duplicates, written_dead, new_mask)
+        return WriteResult(
+            batch_id,
+            inserted,
+            duplicates,
+            written_dead,
+            new_mask,
+            predictions=predictions,
+            scores=scores,
+            actuals=actuals,
+        )
+
+    @staticmethod
+    def _write_scored(
+        conn: psycopg.Connection[tuple[Any, ...]],
+        scored: Scored,
+        good: ReadingBatch,
+        new_mask: np.ndarray,
+    ) -> tuple[int, int, int, int]:
+        """Store ``scored`` inside the caller's transaction, after the readings.
+
+        ``new_mask`` marks the rows of ``good`` this write inserted. Returns
+        (predictions, anomalies, scores, actuals) inserted or filled.
+        """
+        # A batch is small next to the tables: probe their indexes row by row,
+        # whatever the statistics say (they lag behind a growing table).
+        conn.execute(BY_INDEX)
+        actuals = 0
+        fresh = good.table.filter(new_mask) if len(good) else None
+        if (
+            fresh is not None
+            and fresh.num_rows
+            and _scalar(conn, "SELECT EXISTS (SELECT 1 FROM predictions)")
+        ):
+            # (b) stored predictions waiting for a reading this write inserted; before
+            # this batch's predictions go in, which get their actual as they do
+            _stage(conn, "_r", fresh.select(["meter_id", "ts", "value"]))
+            cur = conn.execute(FILL_ACTUALS)
+            actuals += max(cur.rowcount, 0)
+        made = seen = NOTHING_INSERTED
+        if scored.predictions.num_rows:
+            rows = prediction_rows(
+                scored.predictions,
+                fresh,
+                lambda ids: _spans(conn, ids),
+                lambda rows: _stored_values(conn, rows),
+            )
+            new = _insert_new(conn, "predictions", rows, "actual", PREDICTION_KEY)
+            made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
+            actuals += int(pc.sum(made.column("flag")).as_py() or 0)
+        if scored.scores.num_rows:
+            new = _insert_new(conn, "scores", score_rows(scored.scores), "is_anomaly", SCORE_KEY)
+            seen = new.rename_columns(["meter_id", "flag"])
+        tallies = meter_tallies(made, seen)
+        if tallies[0]:
+            conn.execute(
+                "INSERT INTO meters AS m (meter_id, predictions, anomalies) "
+                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) "
+                "ON CONFLICT (meter_id) DO UPDATE SET "
+                "predictions = m.predictions + excluded.predictions, "
+                "anomalies = m.anomalies + excluded.anomalies",
+                tallies,
+            )
+        if scored.online_metrics.num_rows:
+            m = scored.online_metrics.select(ONLINE_METRIC_SCHEMA.names)
+            conn.execute(
+                f"INSERT INTO online_metrics ({ONLINE_METRICS}) SELECT * FROM unnest("  # noqa: S608
+                "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], "
+                "%s::float8[], %s::float8[], %s::float8[], %s::float8[]) ON CONFLICT DO NOTHING",
+                [column.to_pylist() for column in m.columns],
+            )
+        if scored.checkpoints:
+            with conn.cursor() as cur:
+                cur.executemany(_CHECKPOINT_UPSERT, checkpoint_rows(scored.checkpoints))
+        return made.num_rows, sum(tallies[2]), seen.num_rows, actuals
 
     @staticmethod
     def _copy_new(
@@ -430,31 +686,10 @@ class PostgresStore(Store):
         violation; the savepoint undoes it and the caller takes the
         temp-table path, which sorts duplicates from conflicts.
         """
-        import psycopg
-
         n = len(good)
-        t = good.table
-        t = t.take(pc.sort_indices(t, [("meter_id", "ascending"), ("ts", "ascending")]))
-        payload = copy_binary(
-            [
-                t.column("meter_id"),
-                t.column("ts"),
-                t.column("value"),
-                *(t.column(x) for x in covs),
-                pa.array(np.full(n, batch_id, dtype=np.int64)),
-            ]
-        )
-        cols = _quoted(covs)
-        try:
-            with (
-                conn.transaction(),
-                conn.cursor() as cur,
-                cur.copy(
-                    f"COPY readings (meter_id, ts, value{cols}, batch) FROM STDIN (FORMAT binary)"
-                ) as copy,
-            ):
-                copy.write(payload)
-        except psycopg.errors.UniqueViolation:
+        t = by_key(good.table.select(["meter_id", "ts", "value", *covs]), KEY_COLUMNS)
+        rows = t.append_column("batch", pa.array(np.full(n, batch_id, dtype=np.int64)))
+        if not _copy_into(conn, "readings", rows):
             return -1
         keys = pa.table(
             {"meter_id": t.column("meter_id"), "ts": pc.cast(t.column("ts"), pa.int64())}
@@ -641,13 +876,14 @@ class PostgresStore(Store):
     def counts(self) -> StoreCounts:
         with self._connection() as conn:
             row = conn.execute(
-                "SELECT coalesce(sum(readings), 0), count(*), max(last_ts) FROM meters "
-                "WHERE readings > 0"
+                "SELECT coalesce(sum(readings), 0), count(*) FILTER (WHERE readings > 0), "
+                "max(last_ts), coalesce(sum(predictions), 0), coalesce(sum(anomalies), 0) "
+                "FROM meters"
             ).fetchone()
             by_reason = conn.execute(
                 "SELECT reason, count(*) FROM deadletters GROUP BY reason"
             ).fetchall()
-        readings, meters, last = row if row else (0, 0, None)
+        readings, meters, last, predictions, anomalies = row if row else (0, 0, None, 0, 0)
         reasons = {str(k): int(v) for k, v in by_reason}
         return StoreCounts(
             readings=int(readings),
@@ -655,20 +891,123 @@ class PostgresStore(Store):
             deadletters=sum(reasons.values()),
             deadletters_by_reason=reasons,
             last_ts=None if last is None else pd.Timestamp(int(last), unit="us", tz="UTC"),
+            predictions=int(predictions),
+            anomalies=int(anomalies),
         )
 
     def meters(self) -> pd.DataFrame:
         frame = self._frame(
-            "SELECT meter_id, first_ts, last_ts, readings, registered FROM meters "
+            "SELECT meter_id, first_ts, last_ts, readings, registered, cluster FROM meters "
             "ORDER BY meter_id",
             [],
-            ["meter_id", "first_ts", "last_ts", "readings", "registered"],
+            ["meter_id", "first_ts", "last_ts", "readings", "registered", "cluster"],
         )
         for col in ("first_ts", "last_ts"):
             frame[col] = pd.to_datetime(frame[col].astype("Int64"), unit="us", utc=True)
         frame["readings"] = frame["readings"].astype("int64")
         frame["registered"] = frame["registered"].astype(bool)
+        frame["cluster"] = frame["cluster"].astype("Int64")
         return frame
+
+    def set_clusters(self, clusters: Mapping[str, int]) -> None:
+        pairs = sorted((str(m), int(k)) for m, k in clusters.items())
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO meters (meter_id, cluster) "
+                "SELECT * FROM unnest(%s::text[], %s::bigint[]) ORDER BY 1 "
+                "ON CONFLICT (meter_id) DO UPDATE SET cluster = excluded.cluster",
+                ([m for m, _ in pairs], [k for _, k in pairs]),
+            )
+
+    # -- scored ------------------------------------------------------------
+    @staticmethod
+    def _range(
+        meter_id: str | None, start: pd.Timestamp | None, end: pd.Timestamp | None
+    ) -> tuple[list[str], list[Any]]:
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        if meter_id is not None:
+            where.append("meter_id = %s")
+            args.append(meter_id)
+        if start is not None:
+            where.append("ts >= %s")
+            args.append(int(pd.Timestamp(start).value // 1000))
+        if end is not None:
+            where.append("ts < %s")
+            args.append(int(pd.Timestamp(end).value // 1000))
+        return where, args
+
+    def predictions(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        horizon: int | None = None,
+    ) -> pd.DataFrame:
+        where, args = self._range(meter_id, start, end)
+        if horizon is not None:
+            where.append("horizon = %s")
+            args.append(int(horizon))
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = self._frame(
+            f"SELECT {PREDICTIONS}, actual FROM predictions WHERE {clauses} "  # noqa: S608
+            "ORDER BY meter_id, ts, horizon",
+            args,
+            [*PREDICTION_SCHEMA.names, "actual"],
+        )
+        if frame.empty:
+            return empty_frame(PREDICTION_SCHEMA, ["actual"])
+        frame["actual"] = pd.to_numeric(frame["actual"]).astype(np.float64)
+        return typed_frame(frame, PREDICTION_SCHEMA)
+
+    def scores(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        anomalies_only: bool = False,
+    ) -> pd.DataFrame:
+        where, args = self._range(meter_id, start, end)
+        if anomalies_only:
+            where.append("is_anomaly = 1")
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = self._frame(
+            f"SELECT {SCORES} FROM scores WHERE {clauses} ORDER BY meter_id, ts",  # noqa: S608
+            args,
+            SCORE_SCHEMA.names,
+        )
+        if frame.empty:
+            return empty_frame(SCORE_SCHEMA)
+        return typed_frame(frame, SCORE_SCHEMA)
+
+    def accuracy(self, since: pd.Timestamp | None = None, by_meter: bool = True) -> pd.DataFrame:
+        args = [] if since is None else [int(pd.Timestamp(since).value // 1000)]
+        with self._connection() as conn:
+            rows = conn.execute(accuracy_sql(by_meter, since is not None, "%s"), args).fetchall()
+        return accuracy_frame(rows, by_meter)
+
+    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        args: list[Any] = [] if model is None else [model]
+        where = "true" if model is None else "model = %s"
+        sql = f"SELECT id, {ONLINE_METRICS} FROM online_metrics WHERE {where} ORDER BY id DESC"  # noqa: S608
+        if limit is not None:
+            sql += " LIMIT %s"
+            args.append(int(limit))
+        frame = self._frame(
+            f"SELECT {ONLINE_METRICS} FROM ({sql}) AS recent ORDER BY id",  # noqa: S608
+            args,
+            ONLINE_METRIC_SCHEMA.names,
+        )
+        if frame.empty:
+            return empty_frame(ONLINE_METRIC_SCHEMA)
+        return typed_frame(frame, ONLINE_METRIC_SCHEMA)
+
+    def checkpoint(self, name: str) -> Checkpoint | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT state, offsets FROM checkpoints WHERE name = %s", (name,)
+            ).fetchone()
+        return None if row is None else checkpoint_from(name, row[0], row[1])
 
     def register_meters(self, meter_ids: Sequence[str]) -> None:
         with self._connection() as conn:

@@ -5,13 +5,25 @@ table (cheap), then set-based SQL finds duplicates and conflicts and moves the
 new rows into the keyed ``readings`` table in key order, all inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent workers serialise cleanly.
 Timestamps are stored as integer microseconds since the epoch (UTC).
+
+What the stream scored goes in the same transaction, as plain tuples by
+``executemany`` in key order, straight into the keyed tables (a temp table
+would only add a copy). Stored predictions waiting for a new reading get their
+actual by one ``UPDATE ... FROM _in`` through ``predictions_target`` (forced
+with ``INDEXED BY``: without statistics SQLite would walk the meter's whole
+primary-key range); new predictions get theirs as they are inserted, from the
+batch itself (an Arrow join) or, for the few inside a meter's stored span, from
+one primary-key lookup. A background thread copies the write-ahead log back
+into the database file (see :class:`_Checkpointer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +35,50 @@ import pyarrow.compute as pc
 from meterops.errors import BackendError
 from meterops.settings import Settings
 from meterops.store._sql import (
+    NOTHING_INSERTED,
+    NOTHING_SCORED,
+    ONLINE_METRICS,
+    PREDICTIONS,
     RESERVED,
+    SCORES,
     SQLITE,
+    accuracy_frame,
+    accuracy_sql,
     check_covariate,
+    checkpoint_from,
+    checkpoint_rows,
     conflict_letters,
+    empty_frame,
+    meter_tallies,
     migrations,
     now_us,
+    prediction_rows,
+    score_rows,
+    span_table,
     statements,
+    typed_frame,
 )
-from meterops.store.base import Store, StoreCounts, WriteResult
-from meterops.types import DEADLETTER_SCHEMA, TS_TYPE, ReadingBatch, schema_for
+from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
+from meterops.types import (
+    DEADLETTER_SCHEMA,
+    ONLINE_METRIC_SCHEMA,
+    PREDICTION_SCHEMA,
+    SCORE_SCHEMA,
+    TS_TYPE,
+    ReadingBatch,
+    schema_for,
+)
 
 __all__ = ["SQLiteStore", "build"]
 
 MIGRATIONS: list[str] = migrations(SQLITE)
+_WAL_LIMIT = 16384  # pages (64 MiB of 4 KiB): the writer checkpoints beyond (_Checkpointer)
+
+_CHECKPOINT_UPSERT = (
+    "INSERT INTO checkpoints (name, state, offsets, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET state = excluded.state, offsets = excluded.offsets, "
+    "updated_at = excluded.updated_at"
+)
 
 
 def build(url: str, settings: Settings) -> SQLiteStore:
@@ -48,6 +90,80 @@ def _ts_us(column: pa.ChunkedArray | pa.Array) -> list[int]:
     return pc.cast(column, pa.int64()).to_pylist()  # type: ignore[no-any-return]
 
 
+def _pylist(column: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """Python values of an Arrow column (timestamps as integer microseconds), fast.
+
+    NumPy's ``tolist`` makes Python numbers several times faster than Arrow's
+    ``to_pylist``; it is used for floats (a null becomes NaN, which SQLite
+    stores as NULL) and for other numbers without nulls.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_timestamp(column.type):
+        column = pc.cast(column, pa.int64())
+    kind = column.type
+    if pa.types.is_floating(kind) or (
+        column.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_boolean(kind))
+    ):
+        return column.to_numpy(zero_copy_only=False).tolist()  # type: ignore[no-any-return]
+    return column.to_pylist()  # type: ignore[no-any-return]
+
+
+def _rows(table: pa.Table) -> Iterator[tuple[Any, ...]]:
+    """Rows of ``table`` as tuples (for ``executemany``)."""
+    return zip(*(_pylist(column) for column in table.columns), strict=True)
+
+
+def _marks(schema: pa.Schema) -> str:
+    return ", ".join("?" * len(schema))
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the write-ahead log back into the database file, off the writer's path.
+
+    A scored batch spread over many meters dirties thousands of pages; copying
+    them back (and syncing the file) inline took about a quarter of a write.
+    The writer wakes this thread after each commit; SQLite runs its passive
+    checkpoint concurrently with the next write (the GIL is released in SQLite
+    calls). The writer's own automatic checkpoint stays as a bound, at
+    ``_WAL_LIMIT`` pages, should this thread fall behind.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="meterops-sqlite-checkpoint", daemon=True)
+        self.path = path
+        self._wake = threading.Event()
+        self._stopping = False
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error:  # the writer checkpoints itself, at _WAL_LIMIT
+            return
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                with contextlib.suppress(sqlite3.Error):  # busy: the next wake retries
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self.join()
+
+
+class _Overlap(Exception):
+    """Scored rows of a write were stored already: redo the write carefully."""
+
+
 class SQLiteStore(Store):
     """See the module docstring. ``path`` may be ``:memory:`` for tests."""
 
@@ -55,6 +171,7 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._covariates: list[str] = []
+        self._checkpointer: _Checkpointer | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> SQLiteStore:
@@ -74,9 +191,16 @@ class SQLiteStore(Store):
             self._covariates = self._read_covariates()
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        if self.path != ":memory:":
+            conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_LIMIT}")
+            self._checkpointer = _Checkpointer(self.path)
+            self._checkpointer.start()
         return self
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -127,6 +251,24 @@ class SQLiteStore(Store):
         dead: pa.Table,
         lineage: Mapping[str, Any],
         origins: pa.Table | None = None,
+        scored: Scored | None = None,
+    ) -> WriteResult:
+        try:
+            result = self._write(good, dead, lineage, origins, scored, careful=False)
+        except _Overlap:  # rolled back: redo, learning which scored rows are new
+            result = self._write(good, dead, lineage, origins, scored, careful=True)
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
+        return result
+
+    def _write(
+        self,
+        good: ReadingBatch,
+        dead: pa.Table,
+        lineage: Mapping[str, Any],
+        origins: pa.Table | None,
+        scored: Scored | None,
+        careful: bool,
     ) -> WriteResult:
         c = self.conn
         covs = list(good.covariates)
@@ -167,8 +309,10 @@ class SQLiteStore(Store):
                         "last_ts = max(coalesce(last_ts, excluded.last_ts), excluded.last_ts), "
                         "readings = readings + excluded.readings"
                     )
-                    c.execute("DELETE FROM _in")
                 inserted = int(new_mask.sum())
+                tally = self._write_scored(scored or NOTHING_SCORED, good, new_mask, careful)
+                if n:
+                    c.execute("DELETE FROM _in")
                 dead_rows = self._deadletter_rows(dead)
                 if conflicts:
                     dead_rows += self._deadletter_rows(conflict_letters(good, conflicts, origins))
@@ -179,14 +323,154 @@ class SQLiteStore(Store):
                     dead_rows,
                 )
                 written_dead = c.total_changes - before
+                predictions, _, scores, actuals = tally
                 c.execute("UPDATE batches SET inserted = ? WHERE id = ?", (inserted, batch_id))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
+                self._covariates = self._read_covariates()  # an ALTER may be undone
                 raise
         except sqlite3.Error as exc:
             raise BackendError(f"SQLite write failed: {exc}") from exc
-        return WriteResult(batch_id, inserted, duplicates, written_dead, new_mask)
+        return WriteResult(
+            batch_id,
+            inserted,
+            duplicates,
+            written_dead,
+            new_mask,
+            predictions=predictions,
+            scores=scores,
+            actuals=actuals,
+        )
+
+    def _changes(self, sql: str, args: Sequence[Any] = ()) -> int:
+        c = self.conn
+        before = c.total_changes
+        c.execute(sql, args)
+        return c.total_changes - before
+
+    def _write_scored(
+        self, scored: Scored, good: ReadingBatch, new_mask: np.ndarray, careful: bool
+    ) -> tuple[int, int, int, int]:
+        """Store ``scored`` inside the caller's transaction, after the readings.
+
+        ``_in`` holds exactly the readings this write inserted (the rows of
+        ``good`` under ``new_mask``). Returns (predictions, anomalies, scores,
+        actuals) inserted or filled. See :meth:`_insert_new` for ``careful``.
+        """
+        c = self.conn
+        actuals = 0
+        fresh = good.table.filter(new_mask) if len(good) else None
+        if fresh is not None and fresh.num_rows and self._any_predictions():
+            # (b) stored predictions waiting for a reading this write inserted; before
+            # this batch's predictions go in, which get their actual as they do
+            actuals += self._changes(
+                "UPDATE predictions INDEXED BY predictions_target SET actual = _in.value FROM _in "
+                "WHERE predictions.meter_id = _in.meter_id AND predictions.target_ts = _in.ts "
+                "AND predictions.actual IS NULL AND _in.value IS NOT NULL"
+            )
+        made = seen = NOTHING_INSERTED
+        if scored.predictions.num_rows:
+            rows = prediction_rows(scored.predictions, fresh, self._spans, self._stored)
+            new = self._insert_new("predictions", rows, "actual", careful)
+            made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
+            actuals += int(pc.sum(made.column("flag")).as_py() or 0)
+        if scored.scores.num_rows:
+            new = self._insert_new("scores", score_rows(scored.scores), "is_anomaly", careful)
+            seen = new.rename_columns(["meter_id", "flag"])
+        ids, predictions, anomalies = meter_tallies(made, seen)
+        if ids:
+            c.executemany(
+                "INSERT INTO meters (meter_id, predictions, anomalies) VALUES (?, ?, ?) "
+                "ON CONFLICT (meter_id) DO UPDATE SET "
+                "predictions = predictions + excluded.predictions, "
+                "anomalies = anomalies + excluded.anomalies",
+                zip(ids, predictions, anomalies, strict=True),
+            )
+        if scored.online_metrics.num_rows:
+            c.executemany(
+                f"INSERT INTO online_metrics ({ONLINE_METRICS}) "  # noqa: S608
+                f"VALUES ({_marks(ONLINE_METRIC_SCHEMA)}) ON CONFLICT DO NOTHING",
+                _rows(scored.online_metrics.select(ONLINE_METRIC_SCHEMA.names)),
+            )
+        if scored.checkpoints:
+            c.executemany(_CHECKPOINT_UPSERT, checkpoint_rows(scored.checkpoints))
+        return made.num_rows, sum(anomalies), seen.num_rows, actuals
+
+    def _any_predictions(self) -> bool:
+        return bool(self.conn.execute("SELECT EXISTS (SELECT 1 FROM predictions)").fetchone()[0])
+
+    def _insert_new(self, table: str, rows: pa.Table, column: str, careful: bool) -> pa.Table:
+        """Insert the rows (in key order) whose key is not stored; return the ``meter_id``
+        and ``column`` of those inserted.
+
+        The common case, none of them stored, is one ``executemany`` straight
+        into the keyed table, and the answer is ``rows`` itself. If some were
+        stored (a redelivery) it raises :class:`_Overlap`, and the write is redone
+        ``careful``: through a temp table and ``INSERT ... RETURNING``, which
+        says which rows went in. (A savepoint would spare the redo but costs
+        every write about 15 %.)
+        """
+        c = self.conn
+        columns = ", ".join(f'"{name}"' for name in rows.column_names)
+        marks = _marks(rows.schema)
+        if not careful:
+            before = c.total_changes
+            c.executemany(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING",  # noqa: S608
+                _rows(rows),
+            )
+            if c.total_changes - before != rows.num_rows:
+                raise _Overlap
+            return rows.select(["meter_id", column])
+        c.execute("DROP TABLE IF EXISTS temp._new")
+        c.execute(f"CREATE TEMP TABLE _new ({columns})")
+        c.executemany(f"INSERT INTO _new VALUES ({marks})", _rows(rows))  # noqa: S608
+        # (RETURNING gives plain columns: SQLite 3.40 answers `x IS NOT NULL` wrongly there)
+        found = c.execute(
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _new "  # noqa: S608
+            f'ORDER BY rowid ON CONFLICT DO NOTHING RETURNING meter_id, "{column}"'
+        ).fetchall()
+        c.execute("DROP TABLE temp._new")
+        kind = rows.schema.field(column).type
+        return pa.table(
+            {
+                "meter_id": pa.array([r[0] for r in found], pa.string()),
+                column: pa.array([r[1] for r in found]).cast(kind),
+            }
+        )
+
+    def _spans(self, meter_ids: list[str]) -> pa.Table:
+        """``meter_id, first_ts, last_ts`` of the stored meters among ``meter_ids``."""
+        found = self.conn.execute(
+            "SELECT meter_id, first_ts, last_ts FROM meters "
+            "WHERE meter_id IN (SELECT value FROM json_each(?)) AND last_ts IS NOT NULL",
+            (json.dumps(meter_ids),),
+        ).fetchall()
+        return span_table(found)
+
+    def _stored(self, rows: pa.Table) -> np.ndarray:
+        """The stored reading value at each row's (meter_id, target_ts), NaN if none."""
+        c = self.conn
+        c.execute("DROP TABLE IF EXISTS temp._q")
+        c.execute("CREATE TEMP TABLE _q (i INTEGER PRIMARY KEY, meter_id TEXT, ts INTEGER)")
+        c.executemany(
+            "INSERT INTO _q VALUES (?, ?, ?)",
+            zip(
+                range(rows.num_rows),
+                _pylist(rows.column("meter_id")),
+                _pylist(rows.column("target_ts")),
+                strict=True,
+            ),
+        )
+        values = np.full(rows.num_rows, np.nan)
+        for i, value in c.execute(
+            "SELECT _q.i, r.value FROM _q JOIN readings r ON r.meter_id = _q.meter_id "
+            "AND r.ts = _q.ts WHERE r.value IS NOT NULL"
+        ):
+            values[i] = value
+        c.execute("DROP TABLE temp._q")
+        return values
 
     def _stage(self, good: ReadingBatch, covs: list[str]) -> list[tuple[int, int]]:
         """Load ``good`` into the temp table; return (row, same value?) of stored keys."""
@@ -297,9 +581,9 @@ class SQLiteStore(Store):
 
     def counts(self) -> StoreCounts:
         c = self.conn
-        readings, meters, last = c.execute(
-            "SELECT coalesce(sum(readings), 0), count(*), max(last_ts) FROM meters "
-            "WHERE readings > 0"
+        readings, meters, last, predictions, anomalies = c.execute(
+            "SELECT coalesce(sum(readings), 0), coalesce(sum(readings > 0), 0), max(last_ts), "
+            "coalesce(sum(predictions), 0), coalesce(sum(anomalies), 0) FROM meters"
         ).fetchone()
         by_reason = dict(
             c.execute("SELECT reason, count(*) FROM deadletters GROUP BY reason").fetchall()
@@ -310,18 +594,123 @@ class SQLiteStore(Store):
             deadletters=int(sum(by_reason.values())),
             deadletters_by_reason={str(k): int(v) for k, v in by_reason.items()},
             last_ts=None if last is None else pd.Timestamp(int(last), unit="us", tz="UTC"),
+            predictions=int(predictions),
+            anomalies=int(anomalies),
         )
 
     def meters(self) -> pd.DataFrame:
         frame = pd.read_sql_query(
-            "SELECT meter_id, first_ts, last_ts, readings, registered FROM meters "
+            "SELECT meter_id, first_ts, last_ts, readings, registered, cluster FROM meters "
             "ORDER BY meter_id",
             self.conn,
         )
         for col in ("first_ts", "last_ts"):
             frame[col] = pd.to_datetime(frame[col], unit="us", utc=True)
+        frame["readings"] = frame["readings"].astype(np.int64)
         frame["registered"] = frame["registered"].astype(bool)
+        frame["cluster"] = frame["cluster"].astype("Int64")
         return frame
+
+    def set_clusters(self, clusters: Mapping[str, int]) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(
+                "INSERT INTO meters (meter_id, cluster) VALUES (?, ?) "
+                "ON CONFLICT (meter_id) DO UPDATE SET cluster = excluded.cluster",
+                sorted((str(m), int(k)) for m, k in clusters.items()),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # -- scored ------------------------------------------------------------
+    @staticmethod
+    def _range(
+        meter_id: str | None, start: pd.Timestamp | None, end: pd.Timestamp | None
+    ) -> tuple[list[str], list[Any]]:
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
+        if meter_id is not None:
+            where.append("meter_id = ?")
+            args.append(meter_id)
+        if start is not None:
+            where.append("ts >= ?")
+            args.append(int(pd.Timestamp(start).value // 1000))
+        if end is not None:
+            where.append("ts < ?")
+            args.append(int(pd.Timestamp(end).value // 1000))
+        return where, args
+
+    def predictions(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        horizon: int | None = None,
+    ) -> pd.DataFrame:
+        where, args = self._range(meter_id, start, end)
+        if horizon is not None:
+            where.append("horizon = ?")
+            args.append(int(horizon))
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = pd.read_sql_query(
+            f"SELECT {PREDICTIONS}, actual FROM predictions WHERE {clauses} "  # noqa: S608
+            "ORDER BY meter_id, ts, horizon",
+            self.conn,
+            params=args,
+        )
+        if frame.empty:
+            return empty_frame(PREDICTION_SCHEMA, ["actual"])
+        frame["actual"] = pd.to_numeric(frame["actual"]).astype(np.float64)
+        return typed_frame(frame, PREDICTION_SCHEMA)
+
+    def scores(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        anomalies_only: bool = False,
+    ) -> pd.DataFrame:
+        where, args = self._range(meter_id, start, end)
+        if anomalies_only:
+            where.append("is_anomaly = 1")
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = pd.read_sql_query(
+            f"SELECT {SCORES} FROM scores WHERE {clauses} ORDER BY meter_id, ts",  # noqa: S608
+            self.conn,
+            params=args,
+        )
+        if frame.empty:
+            return empty_frame(SCORE_SCHEMA)
+        return typed_frame(frame, SCORE_SCHEMA)
+
+    def accuracy(self, since: pd.Timestamp | None = None, by_meter: bool = True) -> pd.DataFrame:
+        args = [] if since is None else [int(pd.Timestamp(since).value // 1000)]
+        rows = self.conn.execute(accuracy_sql(by_meter, since is not None, "?"), args).fetchall()
+        return accuracy_frame(rows, by_meter)
+
+    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        args: list[Any] = [] if model is None else [model]
+        where = "1=1" if model is None else "model = ?"
+        sql = f"SELECT id, {ONLINE_METRICS} FROM online_metrics WHERE {where} ORDER BY id DESC"  # noqa: S608
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        frame = pd.read_sql_query(
+            f"SELECT {ONLINE_METRICS} FROM ({sql}) ORDER BY id",  # noqa: S608
+            self.conn,
+            params=args,
+        )
+        if frame.empty:
+            return empty_frame(ONLINE_METRIC_SCHEMA)
+        return typed_frame(frame, ONLINE_METRIC_SCHEMA)
+
+    def checkpoint(self, name: str) -> Checkpoint | None:
+        row = self.conn.execute(
+            "SELECT state, offsets FROM checkpoints WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else checkpoint_from(name, row[0], row[1])
 
     def register_meters(self, meter_ids: Sequence[str]) -> None:
         c = self.conn
