@@ -5,11 +5,17 @@ Kafka numbers messages (``Message.next_offset - Message.offset`` is one
 message's span either way), so offset arithmetic and ``lag`` are checked
 against the spans of the delivered messages, and row counts separately.
 Group membership takes a moment on Kafka, so tests that wait for a
-rebalance poll until the condition holds or a deadline passes.
+rebalance check until the condition holds or a deadline passes.
+
+Group members run as they do in a worker: each polls on a thread of its own
+(:class:`Member`), while the test thread watches them through
+``Consumer.assignment()`` and ``Bus.group_members()``.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from meterops.bus.base import Bus, Consumer, partition_for
+from meterops.bus.base import Bus, Consumer, TopicPartition, partition_for
 from meterops.types import Message
 from tests.helpers import readings
 
@@ -43,12 +49,62 @@ def span(messages: list[Message]) -> int:
     return sum(m.next_offset - m.offset for m in messages)
 
 
-def poll_until(consumers: list[Consumer], done: Callable[[], bool], deadline: float = 30) -> None:
-    """Poll every consumer in turn until ``done()`` or ``deadline`` seconds passed."""
+def wait_until(done: Callable[[], bool], deadline: float = 30) -> bool:
+    """Check ``done()`` every 50 ms until it holds or ``deadline`` seconds passed."""
     end = time.monotonic() + deadline
-    while not done() and time.monotonic() < end:
-        for consumer in consumers:
-            consumer.poll(1, 0.3)
+    while not done():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def keys(messages: list[Message]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for m in messages:
+        ts = m.table.column("ts").cast(pa.int64()).to_pylist()
+        out.extend(zip(m.table.column("meter_id").to_pylist(), ts, strict=True))
+    return out
+
+
+class Member(threading.Thread):
+    """A group member polling and committing on its own thread until ``leave()``.
+
+    The consumer is created by the caller and, once the thread runs, used
+    only by it (polls, commits and finally ``close``); other threads only
+    read ``assignment()`` and the messages received so far.
+    """
+
+    def __init__(self, bus: Bus, group: str = "g") -> None:
+        super().__init__(daemon=True)
+        self.consumer = bus.consumer(group, ["readings"])
+        self.messages: list[Message] = []
+        self.error: BaseException | None = None
+        self._leaving = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._leaving.is_set():
+                batch = self.consumer.poll(1000, 0.1)
+                if batch:
+                    self.consumer.commit({(m.topic, m.partition): m.next_offset for m in batch})
+                    self.messages = self.messages + batch
+        except BaseException as exc:  # reported by leave()
+            self.error = exc
+        finally:
+            self.consumer.close()
+
+    @property
+    def rows(self) -> int:
+        return sum(len(m) for m in self.messages)
+
+    def leave(self) -> None:
+        """Stop polling, close (on the member's thread) and re-raise what the thread raised."""
+        self._leaving.set()
+        self.join(timeout=60)
+        assert not self.is_alive(), "member thread did not stop"
+        if self.error is not None:
+            raise self.error
 
 
 class TestBusContract:
@@ -129,28 +185,56 @@ class TestBusContract:
             with bus.consumer(group, ["readings"]) as consumer:
                 assert rows(drain(consumer)).num_rows == 6
 
-    def test_members_share_partitions_and_take_over_when_one_leaves(self, bus: Bus) -> None:
-        with bus.producer() as producer:
-            producer.send("readings", readings(meters=40, steps=2).table)
-        first = bus.consumer("g", ["readings"])
-        second = bus.consumer("g", ["readings"])
+    def test_members_on_threads_share_partitions_and_take_over_when_one_leaves(
+        self, bus: Bus, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="meterops.bus")
         partitions = len(bus.end_offsets("readings"))
+        first, second = Member(bus), Member(bus)
 
         def shared() -> bool:
-            a, b = first.assignment(), second.assignment()
+            a, b = first.consumer.assignment(), second.consumer.assignment()
             return bool(a and b and not a & b and len(a | b) == partitions)
 
+        def members() -> list[set[TopicPartition]]:
+            return sorted(bus.group_members("g").values(), key=sorted)
+
+        first.start()
+        second.start()
         try:
-            poll_until([first, second], shared)  # let both see each other
-            a, b = first.assignment(), second.assignment()
-            assert a and b and not a & b
-            assert len(a | b) == partitions
-            first.close()
-            poll_until([second], lambda: second.assignment() == a | b)
-            assert second.assignment() == a | b
+            assert wait_until(shared), (first.consumer.assignment(), second.consumer.assignment())
+            a, b = first.consumer.assignment(), second.consumer.assignment()
+            assert wait_until(lambda: members() == sorted([a, b], key=sorted)), members()
+            logged = [r.getMessage() for r in caplog.records if r.name == "meterops.bus"]
+            for owned in (a, b):
+                listed = ", ".join(f"{t}/{p}" for t, p in sorted(owned))
+                assert any(f"assigned partitions {listed}" in m for m in logged), logged
+
+            before = readings(meters=40, steps=5)
+            with bus.producer() as producer:
+                producer.send("readings", before.table)
+            assert wait_until(lambda: first.rows + second.rows >= len(before))
+            assert first.rows and second.rows  # both did a share of the work
+            assert {(m.topic, m.partition) for m in first.messages} <= a
+            assert {(m.topic, m.partition) for m in second.messages} <= b
+
+            first.leave()
+            assert first.consumer.assignment() == set()
+            assert wait_until(lambda: second.consumer.assignment() == a | b)
+            assert wait_until(lambda: members() == [a | b]), members()
+            after = readings(meters=40, steps=5, start="2024-02-01")
+            with bus.producer() as producer:
+                producer.send("readings", after.table)
+            assert wait_until(lambda: first.rows + second.rows >= len(before) + len(after))
+            second.leave()
         finally:
-            first.close()
-            second.close()
+            for member in (first, second):
+                member.leave()
+        got = keys(first.messages + second.messages)
+        sent = keys([Message("readings", 0, 0, t) for t in (before.table, after.table)])
+        assert sorted(got) == sorted(sent)  # every row once: nothing lost, nothing twice
+        assert bus.lag("g", "readings") == 0
+        assert wait_until(lambda: bus.group_members("g") == {}), bus.group_members("g")
 
     def test_poll_waits_at_most_the_timeout_when_idle(self, bus: Bus) -> None:
         with bus.consumer("g", ["readings"]) as consumer:

@@ -6,7 +6,9 @@ the others need no broker.
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -146,7 +148,8 @@ def test_big_sends_are_split_into_messages_and_come_back_in_order(
 def test_a_topic_with_the_default_1mb_limit_takes_large_sends(
     kafka_url: str, tmp_path: Path
 ) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     with open_bus(kafka_url, tmp_path) as bus:
         name = bus.topic_name("readings")
@@ -169,7 +172,59 @@ def test_a_topic_with_the_default_1mb_limit_takes_large_sends(
         )
 
 
+@pytest.mark.kafka
+def test_assignment_answers_at_once_while_another_thread_polls(
+    kafka_url: str, tmp_path: Path
+) -> None:
+    """confluent-kafka serializes calls on one client: asking it from a second thread would
+    wait until the poller leaves ``consume()``, which a busy poll loop barely ever does."""
+    with open_bus(kafka_url, tmp_path) as bus:
+        consumer = bus.consumer("g", ["readings"])
+        stop = threading.Event()
+
+        def poll_forever() -> None:
+            while not stop.is_set():
+                consumer.poll(1000, 1.0)
+
+        poller = threading.Thread(target=poll_forever, daemon=True)
+        poller.start()
+        try:
+            deadline = time.monotonic() + 30
+            while consumer.assignment() != {("readings", p) for p in range(4)}:
+                assert time.monotonic() < deadline, consumer.assignment()
+                time.sleep(0.05)
+            slowest = 0.0
+            for _ in range(50):
+                started = time.perf_counter()
+                assert len(consumer.assignment()) == 4
+                slowest = max(slowest, time.perf_counter() - started)
+                time.sleep(0.01)
+            assert slowest < 0.05
+        finally:
+            stop.set()
+            poller.join(timeout=10)
+            consumer.close()
+        assert consumer.assignment() == set()
+
+
 # -- no broker needed ----------------------------------------------------------
+
+
+def test_consumers_notice_a_dead_member_within_seconds_unless_configured_otherwise(
+    tmp_path: Path,
+) -> None:
+    bus = build("kafka://k:9092", settings_for("kafka://k:9092", tmp_path))
+    config = bus.consumer_config("g")
+    assert config["session.timeout.ms"] == 10_000  # librdkafka's default is 45 s
+    assert config["heartbeat.interval.ms"] == 1000
+    assert config["partition.assignment.strategy"] == "cooperative-sticky"
+    assert str(config["client.id"]).startswith(f"meterops-{os.getpid()}-")
+    assert bus.consumer_config("g")["client.id"] != config["client.id"]  # one per member
+    slow = build(
+        "kafka://k:9092",
+        settings_for("kafka://k:9092", tmp_path, **{"session.timeout.ms": "30000"}),
+    )
+    assert slow.consumer_config("g")["session.timeout.ms"] == "30000"
 
 
 def test_settings_bus_kafka_reach_every_client_and_secrets_stay_out_of_repr(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,13 +10,14 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from meterops.bus.local import LocalBus
 from tests.helpers import readings
 
 
 def consume_all(bus: LocalBus, group: str = "g") -> pa.Table:
-    tables = []
+    tables: list[pa.Table] = []
     with bus.consumer(group, ["readings"]) as consumer:
         while batch := consumer.poll(10_000, 0.3):
             tables.extend(m.table for m in batch)
@@ -78,3 +80,49 @@ def test_producers_in_other_processes_interleave_safely(tmp_path: Path) -> None:
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
     bus = LocalBus(tmp_path, partitions=2).open()
     assert consume_all(bus).num_rows == 3 * 20 * 50
+
+
+def test_a_member_killed_with_sigkill_hands_its_partitions_over_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No heartbeat to miss: the kernel drops a dead process's flocks, the survivor sees it."""
+    caplog.set_level(logging.INFO, logger="meterops.bus")
+    code = (
+        "import sys, time; from pathlib import Path; from meterops.bus.local import LocalBus;"
+        "c = LocalBus(Path(sys.argv[1]), partitions=4).open().consumer('g', ['readings']);"
+        "[c.poll(10, 0.1) for _ in range(20)]; print('ready', flush=True); time.sleep(600)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    bus = LocalBus(tmp_path, partitions=4).open()
+    everything = {("readings", p) for p in range(4)}
+    with bus.consumer("g", ["readings"]) as survivor:
+        other = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE
+        )
+        try:
+            assert other.stdout is not None and other.stdout.readline() == b"ready\n"
+            deadline = time.monotonic() + 10
+            while len(bus.group_members("g")) < 2 or len(survivor.assignment()) != 2:
+                assert time.monotonic() < deadline, bus.group_members("g")
+                survivor.poll(10, 0.1)
+            members = bus.group_members("g")
+            theirs = members[next(m for m in members if m.startswith(f"{other.pid}-"))]
+            assert theirs == everything - survivor.assignment()
+            other.kill()
+            other.wait(timeout=10)
+            killed = time.monotonic()
+            while survivor.assignment() != everything:
+                assert time.monotonic() - killed < 2, survivor.assignment()
+                survivor.poll(10, 0.1)
+        finally:
+            if other.poll() is None:
+                other.kill()
+            other.wait(timeout=10)
+            if other.stdout is not None:
+                other.stdout.close()
+        assert bus.group_members("g") == {survivor.member_id: everything}
+    assert bus.group_members("g") == {}
+    logged = [r.getMessage() for r in caplog.records if r.name == "meterops.bus"]
+    assert any(
+        "assigned partitions readings/0, readings/1, readings/2, readings/3" in m for m in logged
+    ), logged

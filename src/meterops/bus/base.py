@@ -13,10 +13,18 @@ Promises every implementation keeps (checked by ``tests/contracts/test_bus.py``)
 * Delivery is at least once: ``commit`` is called after the results of a
   message are stored; a message not committed when its consumer dies is
   delivered again to the next owner of its partition.
+* Assignment changes are logged at INFO on the ``meterops.bus`` logger
+  ("group workers, member ...: assigned partitions readings/0, readings/2"),
+  and :meth:`Consumer.assignment` answers from any thread without a round
+  trip; :meth:`Bus.group_members` tells who owns what from outside.
+
+A consumer is used by one thread at a time (the one polling it); several
+consumers of one group may run in threads of one process or in processes.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -38,9 +46,13 @@ __all__ = [
     "Consumer",
     "Producer",
     "TopicPartition",
+    "describe_partitions",
+    "log_assignment_change",
     "partition_for",
     "split_by_partition",
 ]
+
+_assignment_log = logging.getLogger("meterops.bus")
 
 READINGS = "readings"
 PREDICTIONS = "predictions"
@@ -91,6 +103,40 @@ def split_by_partition(table: pa.Table, partitions: int) -> Iterable[tuple[int, 
     ]
 
 
+def describe_partitions(partitions: Iterable[TopicPartition]) -> str:
+    """``"readings/0, readings/2"`` (sorted), or ``"none"``.
+
+    >>> describe_partitions({("readings", 2), ("readings", 0)})
+    'readings/0, readings/2'
+    """
+    return ", ".join(f"{t}/{p}" for t, p in sorted(partitions)) or "none"
+
+
+def log_assignment_change(
+    group: str,
+    member: str,
+    before: Iterable[TopicPartition],
+    after: Iterable[TopicPartition],
+    why: str = "",
+) -> None:
+    """Log a member's new assignment at INFO on ``meterops.bus`` (nothing when unchanged)."""
+    old, new = set(before), set(after)
+    if old == new:
+        return
+    changes = []
+    if new - old:
+        changes.append(f"added {describe_partitions(new - old)}")
+    if old - new:
+        changes.append(f"{why or 'released'} {describe_partitions(old - new)}")
+    _assignment_log.info(
+        "group %s, member %s: assigned partitions %s (%s)",
+        group,
+        member,
+        describe_partitions(new),
+        "; ".join(changes),
+    )
+
+
 class _Closing:
     def close(self) -> None:  # pragma: no cover - overridden
         """Release resources; safe to call twice."""
@@ -134,7 +180,11 @@ class Consumer(_Closing, ABC):
 
     @abstractmethod
     def assignment(self) -> set[TopicPartition]:
-        """The partitions this member owns right now."""
+        """The partitions this member owns, as of its last ``poll``; empty once closed.
+
+        Answered from the member's own bookkeeping, without a round trip, so
+        any thread may ask while another one polls.
+        """
 
 
 class Bus(_Closing, ABC):
@@ -161,6 +211,15 @@ class Bus(_Closing, ABC):
     @abstractmethod
     def committed(self, group: str, topic: str) -> dict[int, int]:
         """The group's committed next offsets (start of the log where none)."""
+
+    @abstractmethod
+    def group_members(self, group: str) -> dict[str, set[TopicPartition]]:
+        """The live members of ``group`` and the partitions each owns (one cheap request).
+
+        Keys are member ids that start with the member's process id on the
+        embedded bus and with its ``client.id`` (``meterops-<pid>`` by
+        default) on Kafka. During a rebalance a member may briefly own nothing.
+        """
 
     def lag(self, group: str, topic: str) -> int:
         """Rows written to ``topic`` that ``group`` has not committed yet."""

@@ -25,9 +25,13 @@ Differences from the embedded log a caller can see:
   before a message fails; such a failure surfaces as
   :class:`~meterops.errors.Unavailable`. The producer is idempotent, so
   retries never duplicate a message.
-* Group membership is Kafka's (cooperative-sticky assignment): a member that
-  leaves with ``close`` hands its partitions over at once, one that dies does
-  so after ``session.timeout.ms`` (10 s here).
+* Group membership is Kafka's classic protocol with cooperative-sticky
+  assignment: a member that leaves with ``close`` hands its partitions over
+  at once (its revocation and a LeaveGroup request), one that dies (``kill
+  -9``, a lost host) does so after ``session.timeout.ms``: 10 s here, with a
+  heartbeat every second, instead of librdkafka's 45 s / 3 s. Both can be
+  changed in ``[bus.kafka]``; the broker bounds the session timeout by
+  ``group.min.session.timeout.ms`` (6 s by default).
 """
 
 from __future__ import annotations
@@ -35,15 +39,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 
-from meterops.bus.base import Bus, Consumer, Producer, TopicPartition, split_by_partition
+from meterops.bus.base import (
+    Bus,
+    Consumer,
+    Producer,
+    TopicPartition,
+    log_assignment_change,
+    split_by_partition,
+)
 from meterops.errors import BackendError, ConfigError, MissingDependency, Unavailable
 from meterops.settings import Settings, parse_duration
 from meterops.types import ROWS_PER_MESSAGE_BITS, Message
@@ -278,7 +291,16 @@ class KafkaProducer(Producer):
 
 
 class KafkaConsumer(Consumer):
-    """A member of a Kafka consumer group over the prefixed topics."""
+    """A member of a Kafka consumer group over the prefixed topics.
+
+    Only the thread that polls a consumer should call into its client:
+    confluent-kafka 2.16 serializes the calls on one client handle (its
+    "reentrancy gate", confluent-kafka-python PR #2322), so a call from a
+    second thread waits, retrying every millisecond, until the poller leaves
+    ``consume()``, and a busy poll loop re-enters it at once: the caller
+    starves for minutes. :meth:`assignment` therefore answers from the
+    rebalance callbacks' bookkeeping, never from the client.
+    """
 
     def __init__(self, bus: KafkaBus, group: str, topics: Iterable[str]) -> None:
         self._bus = bus
@@ -287,24 +309,44 @@ class KafkaConsumer(Consumer):
         self._rows_per_message = 0.0  # running estimate, to size consume() calls
         self._revoked: set[TopicPartition] = set()  # during the poll in progress
         self._joined_at: float | None = None  # first assignment (even an empty one)
-        self._consumer: confluent_kafka.Consumer | None = _kafka().Consumer(
-            bus.consumer_config(group)
-        )
+        # Replaced (never mutated) by the callbacks, so other threads read a snapshot.
+        self._assigned: frozenset[TopicPartition] = frozenset()
+        config = bus.consumer_config(group)
+        self.member = str(config["client.id"])  # the broker's member id once joined
+        self._consumer: confluent_kafka.Consumer | None = _kafka().Consumer(config)
         self._consumer.subscribe(
             [bus.topic_name(t) for t in self._topics],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_lost=self._on_lost,
         )
 
-    # Rebalance callbacks run inside consume() on this thread; confluent-kafka
-    # then applies the (incremental) assignment change itself.
-    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+    # Rebalance callbacks run inside consume() (or close()) on the polling
+    # thread; confluent-kafka then applies the assignment change itself. With
+    # the cooperative protocol they carry the partitions added or taken away,
+    # with an eager one (range, roundrobin) the whole new assignment and the
+    # whole old one: adding and removing fits both.
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         if self._joined_at is None:
             self._joined_at = time.monotonic()
+        with contextlib.suppress(Exception):  # cosmetic: the name in the log lines
+            self.member = consumer.memberid() or self.member
+        self._set_assigned(self._assigned | {self._tp(p) for p in partitions}, "")
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
-        self._revoked |= {self._tp(p) for p in partitions}
+        gone = {self._tp(p) for p in partitions}
+        self._revoked |= gone
+        self._set_assigned(self._assigned - gone, "revoked")
+
+    def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
+        """The group went on without us (e.g. missed heartbeats): others own these now."""
+        gone = {self._tp(p) for p in partitions}
+        self._revoked |= gone
+        self._set_assigned(self._assigned - gone, "lost")
+
+    def _set_assigned(self, assigned: Iterable[TopicPartition], why: str) -> None:
+        before, self._assigned = self._assigned, frozenset(assigned)
+        log_assignment_change(self._group, self.member, before, self._assigned, why)
 
     def _tp(self, p: Any) -> TopicPartition:
         return (self._bus.unprefixed(str(p.topic)), int(p.partition))
@@ -315,7 +357,8 @@ class KafkaConsumer(Consumer):
         return self._consumer
 
     def assignment(self) -> set[TopicPartition]:
-        return {self._tp(p) for p in self._live().assignment()}
+        """The partitions of the last rebalance callbacks: safe from any thread, no round trip."""
+        return set(self._assigned)
 
     def poll(self, max_rows: int, timeout: float) -> list[Message]:
         """Wait up to ``timeout`` s for a first message, then take what is ready, ~max_rows rows.
@@ -448,11 +491,15 @@ class KafkaConsumer(Consumer):
                 )
 
     def close(self) -> None:
-        """Leave the group (handing partitions over at once) without committing; safe twice."""
+        """Leave the group (handing partitions over at once) without committing; safe twice.
+
+        Call it from the polling thread (or once that thread stopped polling).
+        """
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             with contextlib.suppress(RuntimeError):  # already closed
-                consumer.close()
+                consumer.close()  # runs on_revoke, then sends LeaveGroup
+            self._set_assigned((), "left the group, released")
 
 
 class KafkaBus(Bus):
@@ -517,8 +564,10 @@ class KafkaBus(Bus):
         )
 
     def consumer_config(self, group: str) -> dict[str, Any]:
+        """Settings of one group member; its ``client.id`` names it: ``meterops-<pid>-<random>``."""
+        member = f"meterops-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return self._config(
-            CONSUMER_DEFAULTS,
+            {**CONSUMER_DEFAULTS, "client.id": member},
             {
                 "group.id": self.group_name(group),
                 "enable.auto.commit": False,
@@ -699,6 +748,41 @@ class KafkaBus(Bus):
     def lag(self, group: str, topic: str) -> int:
         """Messages (not rows: Kafka numbers messages) written but not committed by ``group``."""
         return super().lag(group, topic)
+
+    def group_members(self, group: str) -> dict[str, set[TopicPartition]]:
+        """The group coordinator's view: member id -> partitions (of this bus's topics).
+
+        Member ids start with the member's ``client.id``; a member that died
+        stays listed until its session times out.
+        """
+        kafka = _kafka()
+        name = self.group_name(group)
+
+        def call() -> Any:
+            futures = self._admin_client().describe_consumer_groups(
+                [name], request_timeout=_ADMIN_TIMEOUT
+            )
+            return futures[name].result()
+
+        try:
+            described = self._admin_call(call, f"describing group {group!r}")
+        except BackendError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, kafka.KafkaException) and cause.args[0].code() in (
+                kafka.KafkaError.GROUP_ID_NOT_FOUND,
+            ):
+                return {}
+            raise
+        members: dict[str, set[TopicPartition]] = {}
+        for member in described.members:
+            assignment = member.assignment.topic_partitions if member.assignment else []
+            members[str(member.member_id)] = {
+                self._tp_of(tp) for tp in assignment if str(tp.topic).startswith(self.prefix)
+            }
+        return members
+
+    def _tp_of(self, tp: Any) -> TopicPartition:
+        return (self.unprefixed(str(tp.topic)), int(tp.partition))
 
 
 def _log_error(err: Any) -> None:

@@ -7,7 +7,7 @@ Layout under the root directory::
     topics/<topic>/<p>/<base>.idx         24-byte entries (base, position, rows, length)
     topics/<topic>/<p>/.lock              writers append under an exclusive flock
     groups/<group>/members/<id>.lock      held (flock) by each live member
-    groups/<group>/<topic>/<p>.owner      held (flock) by the member owning p
+    groups/<group>/<topic>/<p>.owner      held (flock) by the member owning p, holds its id
     groups/<group>/<topic>/<p>.offset     committed next offset (atomic rename)
 
 Why flock: the kernel drops a dead process's locks, so a ``kill -9``'d worker
@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from meterops.bus.base import Bus, Consumer, Producer, TopicPartition, split_by_partition
+from meterops.bus.base import (
+    Bus,
+    Consumer,
+    Producer,
+    TopicPartition,
+    log_assignment_change,
+    split_by_partition,
+)
 from meterops.errors import BackendError
 from meterops.settings import Settings, parse_duration
 from meterops.types import Message
@@ -74,6 +81,21 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _held(path: Path) -> bool:
+    """Whether someone holds the flock on ``path`` (a missing file is not held)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -290,6 +312,7 @@ class LocalConsumer(Consumer):
         return alive
 
     def _rebalance(self) -> None:
+        before = set(self._owned)
         members = self._alive_members()
         everything = [(t, p) for t in self._topics for p in range(self._bus.partitions_of(t))]
         rank = members.index(self.member_id)
@@ -305,13 +328,18 @@ class LocalConsumer(Consumer):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = _try_lock(path)
             if fd is not None:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, self.member_id.encode(), 0)  # for Bus.group_members
                 self._owned[tp] = fd
                 start = self._bus.committed_offset(self._group, *tp)
                 self._readers[tp] = _Reader(self._bus._partition(*tp), start)
         self._last_rebalance = time.monotonic()
+        log_assignment_change(self._group, self.member_id, before, self._owned)
 
     def _release(self, tp: TopicPartition) -> None:
-        os.close(self._owned.pop(tp))
+        fd = self._owned.pop(tp)
+        os.ftruncate(fd, 0)  # an owner file names its member only while locked
+        os.close(fd)
         self._readers.pop(tp, None)
 
     # -- consumer API ------------------------------------------------------
@@ -348,8 +376,11 @@ class LocalConsumer(Consumer):
             _atomic_write(path, str(int(offset)))
 
     def close(self) -> None:
+        """Release the partitions and leave the group; the others take over at their next poll."""
+        before = set(self._owned)
         for tp in list(self._owned):
             self._release(tp)
+        log_assignment_change(self._group, self.member_id, before, (), "left the group, released")
         if self._member_fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 (self._gdir / "members" / f"{self.member_id}.lock").unlink()
@@ -430,6 +461,26 @@ class LocalBus(Bus):
     def committed(self, group: str, topic: str) -> dict[int, int]:
         n = self.partitions_of(topic)
         return {p: self.committed_offset(group, topic, p) for p in range(n)}
+
+    def group_members(self, group: str) -> dict[str, set[TopicPartition]]:
+        """Members whose lock is held, with the partitions whose owner file names them."""
+        gdir = self.root / "groups" / group
+        try:
+            names = sorted(os.listdir(gdir / "members"))
+        except FileNotFoundError:
+            return {}
+        members: dict[str, set[TopicPartition]] = {}
+        for name in names:
+            if _held(gdir / "members" / name):  # a dead member's lock is free
+                members[name.removesuffix(".lock")] = set()
+        for topic_dir in gdir.iterdir():
+            if not topic_dir.is_dir() or topic_dir.name == "members":
+                continue
+            for owner in topic_dir.glob("*.owner"):
+                member = owner.read_text(encoding="utf-8", errors="replace").strip()
+                if member in members:
+                    members[member].add((topic_dir.name, int(owner.stem)))
+        return members
 
     def enforce_retention(self) -> None:
         """Drop expired segments of every topic (workers call this now and then)."""
