@@ -33,8 +33,9 @@ become NaN, so missing data never crashes anything and never shifts a lag.
 Two ways to compute, same numbers (a test holds them together):
 
 * :func:`build_frame` is vectorised over many meters (training, backtests);
-* :class:`FeatureState` keeps a per-meter ring of recent values and computes
-  features for any ``(meter, target time)`` (the stream).
+* :class:`FeatureState` keeps a per-meter ring of recent values and of their
+  rolling statistics, and computes features for any ``(meter, target time)``
+  with a few gathers per row (the stream).
 
 >>> import numpy as np, pandas as pd
 >>> ts = pd.date_range("2024-01-01", periods=6, freq="h", tz="UTC")
@@ -68,11 +69,13 @@ __all__ = [
     "build_frame",
     "covariate_columns",
     "infer_freq",
+    "reading_arrays",
     "regularize",
     "resolve_horizon",
 ]
 
 Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
 BASE_COLUMNS = ("meter_id", "ts", "value")
 CALENDARS = ("categorical", "cyclic", "none")
 _NOT_COVARIATES = {"meter_id", "ts", "value", "label"}
@@ -167,15 +170,21 @@ def _steps(duration: str, freq: pd.Timedelta) -> int:
 def _mean_std(
     x: Floats, min_mean: int, min_std: int, want_std: bool = True
 ) -> tuple[Floats, Floats]:
-    """Row-wise mean and sample std of ``x`` skipping NaN, NaN below the minimum counts."""
+    """Row-wise mean and sample std of ``x`` skipping NaN, NaN below the minimum counts.
+
+    Each row's numbers depend on that row's values only (never on the other
+    rows or on the shape of ``x``): the stream computes a window once and
+    must find the same numbers after a restart.
+    """
     valid = ~np.isnan(x)
-    count = valid.sum(axis=1)
-    filled = np.where(valid, x, 0.0)
+    complete = bool(valid.all())  # the common case: skip the masking (same numbers)
+    count = np.count_nonzero(valid, axis=1)
+    filled = x if complete else np.where(valid, x, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = filled.sum(axis=1) / count
         if want_std:
-            dev = np.where(valid, x - mean[:, None], 0.0)
-            std = np.sqrt((dev * dev).sum(axis=1) / (count - 1))
+            dev = x - mean[:, None] if complete else np.where(valid, x - mean[:, None], 0.0)
+            std = np.sqrt(np.square(dev, out=dev).sum(axis=1) / (count - 1))
         else:
             std = np.full(len(x), np.nan)
     mean = np.where(count >= min_mean, mean, np.nan)
@@ -527,16 +536,162 @@ def _features_from_grid(grid: pd.DataFrame, plan: FeaturePlan) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- stream
 
+_EMPTY = np.iinfo(np.int64).min  # ``_end`` of a meter row that holds nothing yet
+_MAX_GROWTH = 4  # a buffer grows to at most this many times its base length
+_BLOCK = 1 << 18  # elements per temporary block when (re)computing rolling statistics
+_FEW = 16  # batches up to this many readings take the scalar-friendly paths
+_BIG = np.iinfo(np.int64).max
+_CALENDAR_BLOCK = 4096  # slots of calendar features computed at a time (then looked up)
+_CALENDAR_MAX = 1 << 18  # a wider request computes the calendar of its distinct slots only
+
+
+def reading_arrays(
+    frame: pd.DataFrame | ReadingBatch, covariates: Sequence[str] = ()
+) -> tuple[npt.NDArray[np.object_], Ints, Floats]:
+    """A reading frame as the arrays :meth:`FeatureState.update_arrays` takes.
+
+    Returns ``ids`` (``str`` objects; ``"series"`` when the frame has no
+    ``meter_id``), ``ts_ns`` (UTC nanoseconds; naive times are UTC) and
+    ``data`` (``value`` then ``covariates`` in order, one row per reading,
+    NaN for a missing column and for every non-finite or non-numeric entry).
+    """
+    if isinstance(frame, ReadingBatch):
+        frame = frame.clean().to_pandas()
+    if "ts" not in frame.columns or "value" not in frame.columns:
+        raise InputError("a reading batch needs columns meter_id, ts, value")
+    n = len(frame)
+    if "meter_id" in frame.columns:
+        ids = frame["meter_id"].astype(str).to_numpy(dtype=object)
+    else:
+        ids = np.full(n, "series", dtype=object)
+    cols = ["value", *covariates]
+    data = np.empty((n, len(cols)))
+    for j, c in enumerate(cols):
+        if c in frame.columns:
+            col = frame[c]
+            if not pd.api.types.is_float_dtype(col):
+                col = pd.to_numeric(col, errors="coerce")
+            data[:, j] = col.to_numpy(np.float64, na_value=np.nan)
+        else:
+            data[:, j] = np.nan
+    data[~np.isfinite(data)] = np.nan
+    return ids, _to_ns(frame["ts"]), data
+
+
+def _to_ns(ts: Any) -> Ints:
+    """UTC nanoseconds since the epoch of timestamps (an ``int64`` array is taken as such)."""
+    if isinstance(ts, np.ndarray) and ts.dtype.kind in "iu":
+        return ts.astype(np.int64, copy=False)
+    if isinstance(ts, np.ndarray) and ts.dtype.kind == "M":
+        out: Ints = ts.astype("datetime64[ns]").view(np.int64)
+        return out
+    if isinstance(ts, pd.Series | pd.DatetimeIndex) and (
+        isinstance(ts.dtype, pd.DatetimeTZDtype) or ts.dtype.kind == "M"
+    ):
+        return _asi8(ts.array)  # tz-aware: UTC already; naive: taken as UTC
+    if not isinstance(ts, pd.Series | pd.DatetimeIndex):
+        ts = pd.Series(list(ts), dtype=object)
+    index = pd.DatetimeIndex(pd.to_datetime(ts))
+    return _asi8(index.array)
+
+
+def _asi8(values: Any) -> Ints:
+    """Nanoseconds since the epoch (UTC for tz-aware) of a pandas datetime array."""
+    return np.asarray(values.as_unit("ns").asi8, dtype=np.int64)
+
+
+def _starts(change: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``True`` then ``change``: the first row of each run of a sorted array."""
+    out = np.empty(len(change) + 1, dtype=bool)
+    out[0] = True
+    out[1:] = change
+    return out
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Where :meth:`FeatureState.feature_matrix` reads each column of one plan."""
+
+    plan: FeaturePlan
+    offsets: Ints  # value offsets gathered per row (lags and seasonal means)
+    lag_cols: Ints
+    lag_at: Ints
+    means: list[tuple[int, Ints]]
+    stat_cols: Ints  # rolling statistics at the anchor
+    stat_at: Ints
+    last_cols: Ints  # past covariates at the anchor
+    last_at: Ints
+    known: list[tuple[int, str, int]]  # column, covariate, its index
+    calendar_cols: Ints
+
+    @classmethod
+    def of(cls, plan: FeaturePlan, covariates: tuple[str, ...]) -> _Reader:
+        col = {name: j for j, name in enumerate(plan.names)}
+        offsets = sorted({o for _, o in plan.lags} | {o for _, os in plan.means for o in os})
+        at = {o: j for j, o in enumerate(offsets)}
+
+        def ints(values: Sequence[int]) -> Ints:
+            return np.array(values, dtype=np.int64)
+
+        stat_cols, stat_at = [], []
+        for i, (name, _, _, _) in enumerate(plan.windows):
+            stat_cols += [col[f"{name}_mean"], col[f"{name}_std"]]
+            stat_at += [2 * i, 2 * i + 1]
+        if plan.windows:
+            for j, c in enumerate(plan.past):
+                stat_cols.append(col[f"{c}_{plan.windows[0][0]}_mean"])
+                stat_at.append(2 * len(plan.windows) + j)
+        return cls(
+            plan=plan,
+            offsets=ints(offsets),
+            lag_cols=ints([col[name] for name, _ in plan.lags]),
+            lag_at=ints([at[o] for _, o in plan.lags]),
+            means=[(col[name], ints([at[o] for o in os])) for name, os in plan.means],
+            stat_cols=ints(stat_cols),
+            stat_at=ints(stat_at),
+            last_cols=ints([col[f"{c}_last"] for c in plan.past]),
+            last_at=ints([covariates.index(c) for c in plan.past]),
+            known=[(col[c], c, covariates.index(c)) for c in plan.known],
+            calendar_cols=ints([col[name] for name in plan.calendar_columns]),
+        )
+
 
 class FeatureState:
     """Per-meter recent values for computing features incrementally (the stream).
 
-    Holds, for every meter, the last ``max_offset + 1`` grid slots of the value
-    and of each covariate. :meth:`update` takes a batch of readings (any order,
-    gaps allowed; a later reading for an already filled slot replaces it);
-    :meth:`features` gives exactly the numbers :func:`build_frame` gives for
-    the same targets. ``origin`` fixes the grid phase (default: the first
-    timestamp seen); ``max_horizon`` sizes the buffers.
+    Keeps, for every meter, a ring of its last :attr:`length` grid slots of
+    the value and of each covariate, plus the rolling statistics of every
+    slot (the window means and standard deviations, the covariates' window
+    mean), computed when a slot's window changes. :meth:`update` (or
+    :meth:`update_arrays`) takes a batch of readings, in any order, gaps
+    allowed, and stores all of them in a handful of NumPy steps whatever the
+    number of meters: readings sharing a slot in one batch are averaged (NaN
+    skipped), a later reading for a slot replaces it, readings older than the
+    ring are dropped. The ring holds ``plan.max_offset + 1`` slots for
+    ``max_horizon`` and grows (up to four times, never shrinks) so that a
+    batch spanning several steps keeps full features for its earliest rows.
+
+    :meth:`feature_matrix` gives, for any ``(meter, target time)``, exactly the
+    numbers :func:`build_frame` gives, as one matrix: a handful of gathers per
+    row (one per lag or seasonal offset, one for all rolling statistics at the
+    anchor), never a window per row. It is exact for every target whose reads
+    are still held: ``t - plan.max_offset`` after the oldest slot of the ring
+    and anchor ``t - h`` at or before the meter's latest slot (a later anchor
+    is computed from the window as far as it is known). A reading arriving
+    so late that a window it changes reaches below the ring updates those
+    statistics from the part held. :meth:`features` is the same as a
+    DataFrame.
+
+    ``origin`` fixes the grid phase (default: the first timestamp seen);
+    ``max_horizon`` sizes the buffers. Memory: ``8 * length * (1 +
+    covariates + 2 * windows + past covariates)`` bytes per meter.
+
+    >>> ts = pd.date_range("2024-01-01", periods=48, freq="h", tz="UTC")
+    >>> frame = pd.DataFrame({"meter_id": "m", "ts": ts, "value": np.arange(48.0)})
+    >>> state = FeatureState(FeatureSpec(seasonal_periods=("1d",), calendar="none"), "1h")
+    >>> state.update(frame)
+    >>> state.feature_matrix(["m"], ts[-1:] + pd.Timedelta("1h"), 1)[0, :4].tolist()
+    [47.0, 46.0, 45.0, 24.0]
     """
 
     def __init__(
@@ -552,146 +707,405 @@ class FeatureState:
         self.max_horizon = resolve_horizon(max_horizon, self.freq)
         self.covariates = tuple(covariates)
         self.origin = None if origin is None else _utc(pd.Series([origin])).iloc[0]
-        self.length = spec.plan(self.freq, self.max_horizon, self.covariates).max_offset + 1
+        plan = spec.plan(self.freq, self.max_horizon, self.covariates)
+        #: slots held per meter for ``max_horizon``; :attr:`length` may grow beyond it
+        self.base_length = plan.max_offset + 1
+        self.length = self.base_length
+        # horizon-free parts of every plan: the rolling windows and the covariates they average
+        self._windows = [(w, low, low_std) for _, w, low, low_std in plan.windows]
+        self._past = [self.covariates.index(c) for c in plan.past] if plan.windows else []
+        self._nstats = 2 * len(self._windows) + len(self._past)
+        self._readers: dict[int, _Reader] = {}
+        self._calendar_cache: tuple[int, Floats] | None = None
+        self._ids_cache: tuple[Any, Ints] | None = None
         self._index: dict[str, int] = {}
-        self._values = np.full((0, self.length), np.nan)
-        self._covs = np.full((0, self.length, len(self.covariates)), np.nan)
-        self._end = np.zeros(0, dtype=np.int64)
+        self._n = 0
+        self._alloc(0, self.length)
+
+    # ------------------------------------------------------------------ storage
+
+    def _alloc(self, capacity: int, length: int) -> None:
+        self._values = np.full((capacity, length), np.nan)
+        self._covs = np.full((capacity, length, len(self.covariates)), np.nan)
+        self._stats = np.full((capacity, length, self._nstats), np.nan)
+        self._end = np.full(capacity, _EMPTY, dtype=np.int64)
 
     @property
     def meters(self) -> list[str]:
+        """The meters held, in the order they were first seen."""
         return list(self._index)
 
-    def _slots(self, ts: pd.Series) -> npt.NDArray[np.int64]:
-        assert self.origin is not None  # noqa: S101 - set by the first update
-        slots: npt.NDArray[np.int64] = np.rint(
-            (_ns(_utc(ts)) - self.origin.value) / self.freq.value
-        ).astype(np.int64)
-        return slots
+    def _rows(self, ids: Sequence[Any] | npt.NDArray[Any], add: bool) -> Ints:
+        """Buffer row of each meter id (``-1`` unknown, or a new row when ``add``)."""
+        cached = self._ids_cache
+        if not add and cached is not None and cached[0] is ids and len(cached[1]) == len(ids):
+            return cached[1]  # the ids array update_arrays just stored (read once, then dropped)
+        if len(ids) <= _FEW:  # a dictionary lookup per id beats hashing the array
+            keys = [str(m) for m in ids]
+            if add:
+                for m in keys:
+                    if m not in self._index:
+                        self._index[m] = len(self._index)
+                self._reserve(len(self._index))
+            few = np.array([self._index.get(m, -1) for m in keys], dtype=np.int64)
+            if add:
+                self._ids_cache = (ids, few)
+            return few
+        codes, uniques = pd.factorize(np.asarray(ids, dtype=object))
+        names = [str(u) for u in uniques]
+        rows = np.fromiter((self._index.get(m, -1) for m in names), np.int64, len(names))
+        new = np.flatnonzero(rows < 0)
+        if add and len(new):
+            for pos in new:
+                if names[pos] not in self._index:  # "1" and 1 are the same meter
+                    self._index[names[pos]] = len(self._index)
+                rows[pos] = self._index[names[pos]]
+            self._reserve(len(self._index))
+        out: Ints = rows[codes]
+        if add:
+            self._ids_cache = (ids, out)
+        return out
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` meter rows (capacity doubles, so meters can arrive one at a time)."""
+        if n > len(self._end):
+            old = (self._values, self._covs, self._stats, self._end)
+            self._alloc(max(n, 2 * len(self._end), 16), self.length)
+            m = self._n
+            self._values[:m], self._covs[:m], self._stats[:m], self._end[:m] = (a[:m] for a in old)
+        self._n = n
+
+    def _grow(self, length: int) -> None:
+        """Re-lay every ring out for ``length`` slots (slot ``k`` lives at ``k % length``)."""
+        old_len = self.length
+        old = (self._values, self._covs, self._stats)
+        ends = self._end[: self._n].copy()
+        self.length = length
+        self._alloc(len(self._end), length)
+        self._end[: self._n] = ends
+        rows = np.flatnonzero(ends != _EMPTY)
+        if len(rows):
+            slots = ends[rows, None] - np.arange(old_len)[None, :]
+            r = np.broadcast_to(rows[:, None], slots.shape)
+            src, dst = slots % old_len, slots % length
+            for new, prev in zip((self._values, self._covs, self._stats), old, strict=True):
+                new[r, dst] = prev[r, src]
+
+    def slots(self, ts: Any) -> Ints:
+        """Grid slot numbers (steps since :attr:`origin`) of timestamps or UTC nanoseconds."""
+        ts_ns = _to_ns(ts)
+        if self.origin is None:
+            self.origin = pd.Timestamp(int(ts_ns.min()) if len(ts_ns) else 0, tz="UTC")
+        out: Ints = np.rint((ts_ns - self.origin.value) / self.freq.value).astype(np.int64)
+        return out
+
+    # ------------------------------------------------------------------ updates
 
     def update(self, batch: ReadingBatch | pd.DataFrame) -> None:
-        """Add readings; vectorised per meter (one NumPy step per meter in the batch)."""
-        frame = batch.clean().to_pandas() if isinstance(batch, ReadingBatch) else batch
-        if frame.empty:
-            return
-        if self.origin is None:
-            self.origin = _utc(frame["ts"]).min()
-        cols = ["value", *self.covariates]
-        data = pd.DataFrame(
-            {
-                c: pd.to_numeric(frame[c], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-                if c in frame.columns
-                else np.full(len(frame), np.nan)
-                for c in cols
-            }
-        )
-        data = data.where(np.isfinite(data.to_numpy(np.float64)))
-        data["meter_id"] = frame["meter_id"].astype(str).to_numpy()
-        data["k"] = self._slots(frame["ts"].reset_index(drop=True))
-        agg = data.groupby(["meter_id", "k"], sort=True)[cols].mean()
-        new = [m for m in agg.index.get_level_values(0).unique() if m not in self._index]
-        if new:
-            for m in new:
-                self._index[str(m)] = len(self._index)
-            add = len(new)
-            self._values = np.vstack([self._values, np.full((add, self.length), np.nan)])
-            self._covs = np.concatenate(
-                [self._covs, np.full((add, self.length, len(self.covariates)), np.nan)]
-            )
-            self._end = np.r_[self._end, np.full(add, np.iinfo(np.int64).min)]
-        length = self.length
-        for meter, part in agg.groupby(level=0, sort=False):
-            row = self._index[str(meter)]
-            ks = part.index.get_level_values(1).to_numpy(np.int64)
-            top = int(ks.max())
-            end = int(self._end[row])
-            if end == np.iinfo(np.int64).min:
-                end = top
-                self._end[row] = top
-            elif top > end:
-                move = top - end
-                if move >= length:
-                    self._values[row] = np.nan
-                    self._covs[row] = np.nan
-                else:
-                    self._values[row, :-move] = self._values[row, move:]
-                    self._values[row, -move:] = np.nan
-                    self._covs[row, :-move] = self._covs[row, move:]
-                    self._covs[row, -move:] = np.nan
-                end = top
-                self._end[row] = top
-            j = length - 1 - (end - ks)
-            keep = j >= 0
-            vals = part.to_numpy(np.float64)
-            self._values[row, j[keep]] = vals[keep, 0]
-            if self.covariates:
-                self._covs[row, j[keep]] = vals[keep, 1:]
+        """Add a batch of readings (``meter_id, ts, value`` and covariates); see the class."""
+        ids, ts_ns, data = reading_arrays(batch, self.covariates)
+        self.update_arrays(ids, ts_ns, data)
 
-    def _window(
-        self, rows: npt.NDArray[np.int64], k: npt.NDArray[np.int64], depth: int, cov: int | None
-    ) -> Floats:
-        """Values at slots ``k - d`` for ``d`` in ``0..depth``: one row per target."""
-        offsets = np.arange(depth + 1)
-        slots = k[:, None] - offsets[None, :]
+    def update_arrays(
+        self,
+        ids: Sequence[Any] | npt.NDArray[Any],
+        ts_ns: Ints,
+        data: Floats,
+        grow: bool = True,
+    ) -> None:
+        """Add readings given as arrays (the fast entry; see :func:`reading_arrays`).
+
+        ``data`` holds ``value`` then :attr:`covariates`, one row per reading,
+        NaN for missing. With ``grow=False`` the ring keeps its length (for
+        history that only fills the buffers, whose own rows need no features).
+        A :meth:`feature_matrix` call right after, with the very same ``ids``
+        array object (not modified in between), reuses its meter lookup.
+        """
+        n = len(ids)
+        if n == 0:
+            return
+        data = np.asarray(data, dtype=np.float64).reshape(n, 1 + len(self.covariates))
+        rows = self._rows(ids, add=True)
+        k = self.slots(ts_ns)
+        if n > 1:
+            lo_k = int(k.min())
+            spread = int(k.max()) - lo_k + 1
+            if spread * (int(rows.max()) + 1) < 2**62:
+                order = np.argsort(rows * spread + (k - lo_k), kind="stable")
+            else:  # pragma: no cover - absurd time spans only
+                order = np.lexsort((k, rows))
+            rs, ks, d = rows[order], k[order], data[order]
+            cut = _starts((rs[1:] != rs[:-1]) | (ks[1:] != ks[:-1]))
+            if not cut.all():  # readings sharing a slot: their mean, NaN skipped
+                starts = np.flatnonzero(cut)
+                valid = ~np.isnan(d)
+                total = np.add.reduceat(np.where(valid, d, 0.0), starts, axis=0)
+                count = np.add.reduceat(valid.astype(np.float64), starts, axis=0)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    d = np.where(count > 0, total / count, np.nan)
+                rs, ks = rs[starts], ks[starts]
+        else:
+            rs, ks, d = rows, k, data
+        first = np.flatnonzero(_starts(rs[1:] != rs[:-1]))
+        meters = rs[first]
+        top = np.maximum.reduceat(ks, first)
+        if grow:
+            span = int((top - np.minimum.reduceat(ks, first)).max())
+            need = min(self.base_length + span, self.base_length * _MAX_GROWTH)
+            if need > self.length:
+                self._grow(need)
+        length = self.length
+        old = self._end[meters]
+        fresh = old == _EMPTY
+        end = np.where(fresh, top, np.maximum(old, top))
+        # the slots the ring advances over are emptied before anything is written
+        advance = np.where(fresh, 0, np.minimum(end - np.where(fresh, 0, old), length))
+        if advance.any():
+            total_adv = int(advance.sum())
+            at = np.repeat(end, advance) - (
+                np.arange(total_adv) - np.repeat(np.cumsum(advance) - advance, advance)
+            )
+            who = np.repeat(meters, advance)
+            self._values[who, at % length] = np.nan
+            self._covs[who, at % length] = np.nan
+            self._stats[who, at % length] = np.nan
+        self._end[meters] = end
+        counts = np.diff(np.append(first, len(rs)))
+        keep = ks > np.repeat(end, counts) - length
+        pos = ks[keep] % length
+        self._values[rs[keep], pos] = d[keep, 0]
+        if self.covariates:
+            self._covs[rs[keep], pos] = d[keep, 1:]
+        if self._nstats:
+            lo = np.minimum.reduceat(np.where(keep, ks, _BIG), first)
+            lo = np.where(fresh, lo, np.minimum(lo, np.where(fresh, _BIG - 1, old) + 1))
+            lo = np.maximum(lo, end - length + 1)
+            todo = lo <= end
+            self._refresh(meters[todo], lo[todo], end[todo])
+
+    def _refresh(self, meters: Ints, lo: Ints, end: Ints) -> None:
+        """Recompute the rolling statistics of slots ``lo .. end`` of each meter."""
+        if not len(meters):
+            return
+        wmax = max(w for w, _, _ in self._windows)
+        depth = end - lo + 1
+        order = np.argsort(depth, kind="stable")
+        meters, lo, end, depth = meters[order], lo[order], end[order], depth[order]
+        i = 0
+        while i < len(meters):  # blocks of meters with similar depths, bounded in memory
+            j = int(np.searchsorted(depth, 2 * depth[i], side="right"))
+            d = int(depth[j - 1])
+            j = min(j, i + max(1, _BLOCK // (d * wmax)))
+            d = int(depth[j - 1])
+            self._refresh_block(meters[i:j], lo[i:j], end[i:j], d, wmax)
+            i = j
+
+    def _refresh_block(self, meters: Ints, lo: Ints, end: Ints, d: int, wmax: int) -> None:
+        length = self.length
+        span = d + wmax - 1
+        slots = end[:, None] + np.arange(1 - span, 1)[None, :]
+        held = slots > (end - length)[:, None]
+        flat = (meters[:, None] * length + slots % length).ravel()
+
+        def windows(got: Floats) -> Floats:
+            x = np.where(held, got.reshape(slots.shape), np.nan)
+            if d == 1:  # one slot per meter: its window is the row itself
+                return x
+            view = np.lib.stride_tricks.sliding_window_view(x, wmax, axis=1)
+            return np.ascontiguousarray(view).reshape(-1, wmax)
+
+        ncov = len(self.covariates)
+        covs = [windows(self._covs.reshape(-1, ncov)[flat, c]) for c in self._past]
+        stats = self._window_stats(windows(self._values.reshape(-1)[flat]), covs)
+        target = slots[:, -d:]
+        write = (target >= lo[:, None]).ravel()
+        rows = np.repeat(meters, d)[write]
+        self._stats[rows, (target.ravel() % length)[write]] = stats[write]
+
+    def _window_stats(self, values: Floats, covs: Sequence[Floats]) -> Floats:
+        """Rolling statistics from windows (one row per slot, ``wmax`` columns, newest last)."""
+        out = np.empty((len(values), self._nstats))
+        for i, (w, low, low_std) in enumerate(self._windows):
+            out[:, 2 * i], out[:, 2 * i + 1] = _mean_std(values[:, -w:], low, low_std)
+        if covs:
+            w, low, _ = self._windows[0]
+            for j, x in enumerate(covs):
+                out[:, 2 * len(self._windows) + j], _ = _mean_std(x[:, -w:], low, 2, want_std=False)
+        return out
+
+    # ------------------------------------------------------------------ reads
+
+    def _plan(self, horizon: int | str) -> FeaturePlan:
+        return self._reader(horizon).plan
+
+    def _reader(self, horizon: int | str) -> _Reader:
+        h = horizon if isinstance(horizon, int) else resolve_horizon(horizon, self.freq)
+        reader = self._readers.get(h)
+        if reader is None:
+            h = resolve_horizon(h, self.freq)
+            if h > self.max_horizon:
+                raise ConfigError(
+                    f"horizon {h} steps exceeds this state's max_horizon {self.max_horizon}"
+                )
+            reader = _Reader.of(self.spec.plan(self.freq, h, self.covariates), self.covariates)
+            self._readers[h] = reader
+        return reader
+
+    def _gather(self, source: Floats, rows: Ints, slots: Ints) -> Floats:
+        """``source[row, slot]`` per row (``slots``: one column per offset); NaN when not held."""
         known = rows >= 0
         safe = np.where(known, rows, 0)
-        j = self.length - 1 - (self._end[safe][:, None] - slots)
-        ok = (j >= 0) & (j < self.length) & known[:, None]
-        jj = np.where(ok, j, 0)
-        src = self._values[safe[:, None], jj] if cov is None else self._covs[safe[:, None], jj, cov]
-        return np.where(ok, src, np.nan)
+        end = self._end[safe]
+        if slots.ndim == 2:
+            known, safe, end = known[:, None], safe[:, None], end[:, None]
+        held = known & (slots <= end) & (slots > end - self.length)
+        flat = safe * self.length + slots % self.length
+        if source.ndim == 3:
+            got = source.reshape(-1, source.shape[2])[flat]
+            return np.where(held[..., None], got, np.nan)
+        return np.where(held, source.reshape(-1)[flat], np.nan)
+
+    def feature_matrix(
+        self,
+        meter_ids: Sequence[Any] | npt.NDArray[Any],
+        target_ts: Any,
+        horizon: int | str,
+        known: Mapping[str, Sequence[float] | Floats] | None = None,
+        dtype: npt.DTypeLike = np.float64,
+    ) -> npt.NDArray[Any]:
+        """Features for each ``(meter_ids[i], target_ts[i])`` as if forecast ``horizon`` before.
+
+        Returns an ``(n, len(plan.names))`` array of ``dtype``, columns in
+        plan order (:meth:`names`), the numbers of :func:`build_frame`.
+        ``target_ts`` may be timestamps (a Series, DatetimeIndex,
+        ``datetime64`` array; naive is UTC) or ``int64`` UTC nanoseconds; the
+        calendar is that of the target's grid slot. ``known`` gives known
+        covariates at the target times (aligned with the rows); without it
+        they are read from the buffer when the target slot is in it, else
+        NaN. Unknown meters get NaN features (the calendar is still filled).
+        Raises :class:`ConfigError` for a horizon beyond ``max_horizon``.
+        """
+        r = self._reader(horizon)
+        ts_ns = _to_ns(target_ts)
+        n = len(ts_ns)
+        k = self.slots(ts_ns)
+        rows = self._rows(meter_ids, add=False) if n else np.zeros(0, np.int64)
+        self._ids_cache = None
+        out = np.empty((n, len(r.plan.names)), dtype=dtype)
+        if len(r.offsets):
+            x = self._gather(self._values, rows, k[:, None] - r.offsets[None, :])
+            out[:, r.lag_cols] = x[:, r.lag_at]
+            for col, at in r.means:
+                out[:, col], _ = _mean_std(x[:, at], 1, 2, want_std=False)
+        anchor = k - r.plan.horizon
+        if len(r.stat_cols):
+            stats = self._gather(self._stats, rows, anchor)
+            late = np.flatnonzero((rows >= 0) & (anchor > self._end[np.maximum(rows, 0)]))
+            if len(late):  # anchors after a meter's last slot: from the part of the window held
+                stats[late] = self._late_stats(rows[late], anchor[late])
+            out[:, r.stat_cols] = stats[:, r.stat_at]
+        if len(r.last_cols):
+            out[:, r.last_cols] = self._gather(self._covs, rows, anchor)[:, r.last_at]
+        for col, name, j in r.known:
+            if known is not None and name in known:
+                out[:, col] = np.asarray(known[name], dtype=np.float64)
+            else:
+                out[:, col] = self._gather(self._covs, rows, k)[:, j]
+        if len(r.calendar_cols):
+            out[:, r.calendar_cols] = self._calendar(r.plan, k)
+        return out
+
+    def _calendar(self, plan: FeaturePlan, k: Ints) -> Floats:
+        """Calendar features of slots ``k`` (of the slot's grid time, as :func:`build_frame`).
+
+        Computed for a block of slots at a time and looked up, since a stream
+        asks for the same few slots batch after batch.
+        """
+        names = plan.calendar_columns
+        if not names or not len(k):
+            return np.zeros((len(k), len(names)))
+        assert self.origin is not None  # noqa: S101 - set by slots()
+        lo, hi = int(k.min()), int(k.max())
+        cached = self._calendar_cache
+        if cached is not None and cached[0] <= lo and hi < cached[0] + len(cached[1]):
+            return cached[1][k - cached[0]]
+        if hi - lo >= _CALENDAR_MAX:
+            wanted, inverse = np.unique(k, return_inverse=True)
+        else:
+            wanted = np.arange(lo, max(hi + 1, lo + _CALENDAR_BLOCK), dtype=np.int64)
+            inverse = k - lo
+        stamps = pd.to_datetime(self.origin.value + wanted * self.freq.value, utc=True)
+        found = plan.calendar_features(pd.Series(stamps))
+        table = np.column_stack([found[name] for name in names])
+        if hi - lo < _CALENDAR_MAX:
+            self._calendar_cache = (lo, table)
+        out: Floats = table[inverse]
+        return out
+
+    def _late_stats(self, rows: Ints, anchor: Ints) -> Floats:
+        wmax = max(w for w, _, _ in self._windows)
+        slots = anchor[:, None] + np.arange(1 - wmax, 1)[None, :]
+        values = self._gather(self._values, rows, slots)
+        covs = [self._gather(self._covs, rows, slots)[:, :, c] for c in self._past]
+        return self._window_stats(np.ascontiguousarray(values), covs)
+
+    def names(self, horizon: int | str) -> list[str]:
+        """The feature columns of :meth:`feature_matrix` for ``horizon``."""
+        return list(self._plan(horizon).names)
 
     def features(
         self,
-        meter_ids: Sequence[str] | npt.NDArray[Any],
-        target_ts: Sequence[Any] | pd.Series | pd.DatetimeIndex,
+        meter_ids: Sequence[Any] | npt.NDArray[Any],
+        target_ts: Any,
         horizon: int | str,
-        known: Mapping[str, Sequence[float] | npt.NDArray[np.float64]] | None = None,
+        known: Mapping[str, Sequence[float] | Floats] | None = None,
     ) -> pd.DataFrame:
-        """Features for each ``(meter_ids[i], target_ts[i])`` as if forecast ``horizon`` before.
-
-        ``known`` gives known covariates at the target times (aligned with the
-        rows); without it they are read from the buffer when the target slot is
-        in it, else NaN. Unknown meters get NaN features.
-        """
-        h = resolve_horizon(horizon, self.freq)
-        if h > self.max_horizon:
-            raise ConfigError(
-                f"horizon {h} steps exceeds this state's max_horizon {self.max_horizon}"
-            )
-        plan = self.spec.plan(self.freq, h, self.covariates)
+        """:meth:`feature_matrix` as a DataFrame: ``meter_id, ts`` then the feature columns."""
         ids = np.asarray(meter_ids, dtype=object).astype(str)
-        ts = _utc(pd.Series(list(target_ts) if not isinstance(target_ts, pd.Series) else target_ts))
-        ts = ts.reset_index(drop=True)
-        if self.origin is None:
-            self.origin = ts.min() if len(ts) else pd.Timestamp(0, tz="UTC")
-        k = self._slots(ts)
-        rows = np.array([self._index.get(m, -1) for m in ids], dtype=np.int64)
-        depth = plan.max_offset
-        x = self._window(rows, k, depth, None)
-        cols: dict[str, Any] = {}
-        for name, off in plan.lags:
-            cols[name] = x[:, off]
-        for name, offsets in plan.means:
-            cols[name], _ = _mean_std(x[:, list(offsets)], 1, 2, want_std=False)
-        for name, width, low, low_std in plan.windows:
-            window = x[:, h : h + width]
-            cols[f"{name}_mean"], _ = _mean_std(window, low, low_std, want_std=False)
-            _, cols[f"{name}_std"] = _mean_std(window, low, low_std)
-        for c in plan.past:
-            xc = self._window(rows, k, depth, self.covariates.index(c))
-            cols[f"{c}_last"] = xc[:, h]
-            if plan.windows:
-                wname, width, low, _ = plan.windows[0]
-                cols[f"{c}_{wname}_mean"], _ = _mean_std(
-                    xc[:, h : h + width], low, 2, want_std=False
-                )
-        for c in plan.known:
-            if known is not None and c in known:
-                cols[c] = np.asarray(known[c], dtype=np.float64)
-            else:
-                cols[c] = self._window(rows, k, 0, self.covariates.index(c))[:, 0]
-        cols.update(plan.calendar_features(ts))
-        out = pd.DataFrame({"meter_id": ids, "ts": ts})
-        features = pd.DataFrame({name: cols[name] for name in plan.names}, index=out.index)
+        ts_ns = _to_ns(target_ts)
+        matrix = self.feature_matrix(ids, ts_ns, horizon, known)
+        out = pd.DataFrame({"meter_id": ids, "ts": pd.to_datetime(ts_ns, utc=True)})
+        features = pd.DataFrame(matrix, columns=self.names(horizon), index=out.index)
         return pd.concat([out, features], axis=1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The buffers: JSON-able meta and NumPy arrays (restore with :meth:`load_state_dict`)."""
+        n = self._n
+        return {
+            "origin_ns": None if self.origin is None else int(self.origin.value),
+            "length": int(self.length),
+            "meters": list(self._index),
+            "values": self._values[:n].copy(),
+            "covs": self._covs[:n].copy(),
+            "stats": self._stats[:n].copy(),
+            "end": self._end[:n].copy(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore buffers from :meth:`state_dict` (of a state with the same spec and covariates).
+
+        Only ``origin_ns`` and ``length`` are needed: without ``values`` the
+        buffers start empty (fill them with :meth:`update_arrays`).
+        """
+        origin = state.get("origin_ns")
+        self.origin = None if origin is None else pd.Timestamp(int(origin), tz="UTC")
+        self.length = max(int(state["length"]), self.base_length)
+        self._index = {}
+        self._n = 0
+        self._calendar_cache = None
+        self._ids_cache = None
+        self._alloc(0, self.length)
+        if state.get("values") is None:
+            return
+        meters = [str(m) for m in state["meters"]]
+        n, length, ncov = len(meters), self.length, len(self.covariates)
+        self._index = {m: i for i, m in enumerate(meters)}
+        self._reserve(n)
+        self._values[:n] = np.asarray(state["values"], dtype=np.float64).reshape(n, length)
+        self._covs[:n] = np.asarray(state["covs"], dtype=np.float64).reshape(n, length, ncov)
+        self._stats[:n] = np.asarray(state["stats"], dtype=np.float64).reshape(
+            n, length, self._nstats
+        )
+        self._end[:n] = np.asarray(state["end"], dtype=np.int64).reshape(n)

@@ -339,6 +339,7 @@ def _recipe(model: Forecaster) -> tuple[str, dict[str, Any]]:
     """The report name and the JSON-able hyper-parameters of ``model``."""
     from meterops.models.baselines import Persistence, SeasonalNaive
     from meterops.models.gbm import GBMForecaster
+    from meterops.models.online import OnlineForecaster
 
     params = model.get_params()
     if params.get("features") is not None:
@@ -351,9 +352,13 @@ def _recipe(model: Forecaster) -> tuple[str, dict[str, Any]]:
         return "persistence", params
     if isinstance(model, SeasonalNaive):
         return str(model.model_name), params
+    if isinstance(model, OnlineForecaster):
+        # one horizon, named as every recipe names them (backtests read ``horizons``)
+        params["horizons"] = [params.pop("horizon")]
+        return "online", params
     raise ConfigError(
         f"{type(model).__name__} cannot be stored in the registry;"
-        " supported: GBMForecaster, Persistence, SeasonalNaive"
+        " supported: GBMForecaster, Persistence, SeasonalNaive, OnlineForecaster"
     )
 
 
@@ -361,6 +366,7 @@ def _build(name: str, params: dict[str, Any]) -> Forecaster:
     from meterops.features import FeatureSpec
     from meterops.models.baselines import Persistence, SeasonalNaive
     from meterops.models.gbm import GBMForecaster
+    from meterops.models.online import OnlineForecaster
 
     kwargs = dict(params)
     if kwargs.get("features") is not None:
@@ -369,6 +375,11 @@ def _build(name: str, params: dict[str, Any]) -> Forecaster:
         kwargs["horizons"] = tuple(kwargs["horizons"])
     if name == "gbm":
         return GBMForecaster(**kwargs)
+    if name == "online":
+        horizons = kwargs.pop("horizons", None) or (1,)
+        if len(horizons) != 1:
+            raise ConfigError(f"an online model has one horizon; stored {list(horizons)}")
+        return OnlineForecaster(horizon=horizons[0], **kwargs)
     if name == "persistence":
         return Persistence(**kwargs)
     if name.startswith("seasonal_naive"):
@@ -401,17 +412,29 @@ def _load_naive(model: Any, directory: Path, prefix: str, state: dict[str, Any])
 def save_forecaster(model: Forecaster, directory: str | os.PathLike[str]) -> Path:
     """Write a fitted model to ``directory`` (JSON + LightGBM text + Parquet; no pickle).
 
+    An online model is its :meth:`~meterops.models.online.OnlineForecaster.state_dict`
+    with the feature buffers: NumPy arrays in ``online_state.npz``, the rest in
+    ``forecaster.json``; it resumes learning exactly where it stopped.
+
     Raises :class:`ConfigError` for a model class the registry cannot store
     and :class:`NotFound` for an unfitted model.
     """
     from meterops.models.gbm import GBMForecaster
+    from meterops.models.online import OnlineForecaster
 
     model._check_fitted()
     name, params = _recipe(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any]
-    if isinstance(model, GBMForecaster):
+    if isinstance(model, OnlineForecaster):
+        # learned sums and feature buffers: arrays in .npz, the rest in the JSON document
+        full = model.state_dict(buffers=True)
+        arrays = {k: v for k, v in full.items() if isinstance(v, np.ndarray)}
+        np.savez(out / "online_state.npz", **arrays)  # type: ignore[arg-type]
+        state = {k: v for k, v in full.items() if not isinstance(v, np.ndarray)}
+        state["arrays"] = "online_state.npz"
+    elif isinstance(model, GBMForecaster):
         (out / "boosters").mkdir(exist_ok=True)
         boosters: dict[str, dict[str, str]] = {}
         for h, by_target in model.boosters_.items():
@@ -465,6 +488,16 @@ def load_forecaster(directory: str | os.PathLike[str]) -> Forecaster:
         raise InputError(f"{root}: unsupported model format {document.get('format')!r}")
     model = _build(document["model"], document["params"])
     state = document["state"]
+    if document["model"] == "online":
+        from meterops.models.online import OnlineForecaster
+
+        full = {k: v for k, v in state.items() if k != "arrays"}
+        try:
+            with np.load(root / str(state["arrays"]), allow_pickle=False) as npz:
+                full.update({key: npz[key] for key in npz.files})
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{root}: unreadable online model arrays: {exc}") from exc
+        return OnlineForecaster.from_state(full)
     if document["model"] != "gbm":
         _load_naive(model, root, "", state)
         return model

@@ -118,3 +118,140 @@ def test_daily_data_drops_sub_step_windows() -> None:
     plan = FeatureSpec().plan(pd.Timedelta("1d"), 1)
     assert "season1d_0" not in plan.names and "season7d_0" in plan.names
     assert "roll1d_mean" not in plan.names
+
+
+# --------------------------------------------------------------------------- the stream state
+
+
+def _build(frame: pd.DataFrame, spec: FeatureSpec, horizon: int) -> pd.DataFrame:
+    return build_frame(frame, spec, horizon, freq=HOUR, origin=frame["ts"].min())
+
+
+def _assert_rows_match(
+    state: FeatureState, batch: pd.DataFrame, want: pd.DataFrame, h: int
+) -> None:
+    got = state.features(want["meter_id"].to_numpy(), want["ts"], h)
+    expected = want.drop(columns="value").reset_index(drop=True)
+    assert list(got.columns) == list(expected.columns)
+    for c in expected.columns[2:]:
+        np.testing.assert_allclose(
+            got[c].to_numpy(float), expected[c].to_numpy(float), rtol=1e-9, atol=1e-9, err_msg=c
+        )
+
+
+def test_vectorised_update_matches_build_frame() -> None:
+    """Shuffled chunks with duplicates, gaps, NaN and meters arriving late, in one step each."""
+    rng = np.random.default_rng(2)
+    ts = pd.date_range("2024-01-01", periods=320, freq="h", tz="UTC")
+    parts = []
+    for start in range(0, 320, 40):  # chunks in time order, shuffled inside
+        n = 90
+        meters = ["a", "b"] if start < 120 else ["a", "b", "c"]  # "c" appears mid-stream
+        parts.append(
+            pd.DataFrame(
+                {
+                    "meter_id": rng.choice(meters, n),
+                    "ts": ts[start + rng.integers(0, 40, n)],  # duplicates and gaps
+                    "value": rng.normal(size=n),
+                    "temperature": rng.normal(size=n),
+                }
+            )
+        )
+        parts[-1].loc[rng.random(n) < 0.1, "value"] = np.nan
+    spec = FeatureSpec(seasonal_periods=("1d", "7d"), seasonal_means=2, calendar="cyclic")
+    state = FeatureState(spec, "1h", 24, ("temperature",), origin=ts[0])
+    seen = []
+    for part in parts:
+        state.update(part)
+        seen.append(part)
+        frame = pd.concat(seen, ignore_index=True)
+        for h in (1, 24):
+            batch = _build(frame, spec, h)
+            top = part["ts"].max()
+            want = batch[(batch["ts"] >= part["ts"].min()) & (batch["ts"] <= top)]
+            _assert_rows_match(state, part, want, h)
+    assert sorted(state.meters) == ["a", "b", "c"]
+    assert state.length > state.base_length  # grew to serve a 40-step batch's earliest rows
+
+
+def test_feature_matrix_is_features_in_plan_order() -> None:
+    frame = _frame(days=10)
+    state = FeatureState(SPEC, "1h", 24, ("temperature",), origin=frame["ts"].min())
+    state.update(frame)
+    ids = np.array(["a", "b", "c", "nope"])
+    target = pd.Series([frame["ts"].max() + HOUR] * 4)
+    table = state.features(ids, target, 24)
+    matrix = state.feature_matrix(ids, target, 24)
+    assert list(table.columns[2:]) == state.names(24) == SPEC.plan(HOUR, 24, ("temperature",)).names
+    np.testing.assert_array_equal(table.iloc[:, 2:].to_numpy(float), matrix)
+    small = state.feature_matrix(ids, target, 24, dtype=np.float32)
+    assert small.dtype == np.float32
+    np.testing.assert_allclose(small, matrix, rtol=1e-6)
+    assert np.isnan(matrix[3, : len(SPEC.plan(HOUR, 24).level_columns)]).all()  # unknown meter
+    with pytest.raises(ConfigError, match="max_horizon"):
+        state.feature_matrix(ids, target, 25)
+
+
+def test_one_reading_at_a_time_gives_the_same_numbers_as_one_batch() -> None:
+    frame = _frame(days=9).sort_values("ts", kind="stable").reset_index(drop=True)
+    covs = ("temperature",)
+    batched = FeatureState(SPEC, "1h", 24, covs, origin=frame["ts"].min())
+    single = FeatureState(SPEC, "1h", 24, covs, origin=frame["ts"].min())
+    batched.update(frame)
+    single.update(frame.iloc[:-60])
+    for i in range(len(frame) - 60, len(frame)):
+        single.update(frame.iloc[i : i + 1])
+    ids = np.array(["a", "b", "c"])
+    target = pd.Series([frame["ts"].max() + HOUR] * 3)
+    for h in (1, 6, 24):
+        np.testing.assert_array_equal(
+            single.feature_matrix(ids, target, h), batched.feature_matrix(ids, target, h)
+        )
+
+
+def test_targets_after_the_last_reading_match_build_frame() -> None:
+    """Anchors after a meter's last slot: rolling statistics from the part of the window held."""
+    frame = _frame(days=12)
+    last = frame["ts"].max()
+    state = FeatureState(SPEC, "1h", 24, ("temperature",), origin=frame["ts"].min())
+    state.update(frame)
+    future = pd.DataFrame(
+        {"meter_id": "a", "ts": pd.date_range(last + HOUR, periods=30, freq="h"), "value": np.nan}
+    )
+    batch = _build(pd.concat([frame, future], ignore_index=True), SPEC, 6)
+    want = batch[
+        (batch["meter_id"] == "a") & (batch["ts"] > last) & (batch["ts"] <= last + 6 * HOUR)
+    ]
+    assert len(want) == 6
+    _assert_rows_match(state, future, want, 6)
+
+
+def test_state_dict_round_trip_and_empty_buffers() -> None:
+    frame = _frame(days=10)
+    state = FeatureState(SPEC, "1h", 24, ("temperature",), origin=frame["ts"].min())
+    state.update(frame)
+    twin = FeatureState(SPEC, "1h", 24, ("temperature",))
+    twin.load_state_dict(state.state_dict())
+    ids = np.array(["a", "b", "c"])
+    target = pd.Series([frame["ts"].max() + HOUR] * 3)
+    np.testing.assert_array_equal(
+        twin.feature_matrix(ids, target, 24), state.feature_matrix(ids, target, 24)
+    )
+    meta = {k: v for k, v in state.state_dict().items() if k in ("origin_ns", "length")}
+    empty = FeatureState(SPEC, "1h", 24, ("temperature",))
+    empty.load_state_dict(meta)
+    assert empty.meters == [] and empty.length == state.length and empty.origin == state.origin
+
+
+def test_window_statistics_depend_on_the_window_only() -> None:
+    """The stream computes a slot's statistics once; a restart must find the same bits."""
+    from meterops.features import _mean_std
+
+    rng = np.random.default_rng(0)
+    for width in (7, 24, 168):
+        x = rng.normal(1000, 3, (20, width)) * rng.gamma(1, 1, (20, 1))
+        with_gap = np.vstack([x, np.full((1, width), np.nan)])  # another row with NaN
+        alone = _mean_std(x[3:4], 2, 2)
+        for got in (_mean_std(x, 2, 2), _mean_std(with_gap, 2, 2)):
+            np.testing.assert_array_equal(got[0][3:4], alone[0])
+            np.testing.assert_array_equal(got[1][3:4], alone[1])

@@ -9,11 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from meterops.bench_online import RateResult, online_rate, river_rate
 from meterops.datasets import uci_household_hourly
-from meterops.errors import ConfigError
-from meterops.features import FeatureSpec, FeatureState
-from meterops.models.online import DEFAULT_ONLINE_FEATURES, OnlineForecaster, _StreamState
-from meterops.sources.simulator import FleetSpec, FleetStream
+from meterops.errors import ConfigError, InputError
+from meterops.features import FeatureSpec
+from meterops.models import create
+from meterops.models.online import DEFAULT_ONLINE_FEATURES, OnlineForecaster
+from meterops.online_stream import pack_state, unpack_state
+from meterops.sources.simulator import FleetSpec, FleetStream, simulate
 
 SPEC = FeatureSpec(
     freq="1h",
@@ -46,6 +49,31 @@ def test_prequential_beats_persistence_on_real_data() -> None:
     assert last["cum_rmse"] < 0.95 * last["cum_persistence_rmse"]
     assert all(s["cum_rmse"] is None for s in scores[:7])
     assert {"n", "rmse", "mae", "persistence_rmse", "cum_mae"} <= set(last)
+
+
+@pytest.mark.slow
+def test_prequential_beats_persistence_by_ten_percent_on_all_real_data() -> None:
+    """The whole bundled UCI series (4 years), replayed as a stream of daily micro-batches."""
+    frame = uci_household_hourly()
+    batches = [frame.iloc[i : i + 24] for i in range(0, len(frame), 24)]
+    last = OnlineForecaster(features=SPEC).prequential(batches, warmup=7)[-1]
+    assert last["cum_rmse"] is not None and last["cum_persistence_rmse"] is not None
+    assert last["cum_rmse"] <= 0.90 * last["cum_persistence_rmse"]
+
+
+def test_prequential_beats_persistence_on_a_simulated_fleet() -> None:
+    """Not tuned to one series: 20 simulated meters, 10-step micro-batches, from a cold start."""
+    readings = simulate(FleetSpec(meters=20, periods=24 * 60, seed=0)).readings
+    frame = readings.drop(columns="label").sort_values("ts", kind="stable")
+    batches = [frame.iloc[i : i + 200] for i in range(0, len(frame), 200)]
+    scores = OnlineForecaster(features=SPEC).prequential(batches, warmup=17)
+    last = scores[-1]
+    assert last["cum_rmse"] is not None and last["cum_persistence_rmse"] is not None
+    assert last["cum_rmse"] <= 0.90 * last["cum_persistence_rmse"]
+    # no cold-start blow-up: the first day is never far worse than persistence
+    first = scores[2]
+    assert first["rmse"] is not None and first["persistence_rmse"] is not None
+    assert first["rmse"] <= 1.5 * first["persistence_rmse"]
 
 
 def test_same_seed_same_output_and_clone_is_untrained() -> None:
@@ -146,34 +174,95 @@ def test_spikes_do_not_make_it_diverge() -> None:
     assert after[-1]["rmse"] is not None and after[-1]["rmse"] < 0.5
 
 
-def test_vectorised_update_matches_feature_state() -> None:
-    rng = np.random.default_rng(2)
-    ts = pd.date_range("2024-01-01", periods=320, freq="h", tz="UTC")
-    freq = pd.Timedelta("1h")
-    ref = FeatureState(SPEC, freq, 1, ("temperature",), origin=ts[0])
-    fast = _StreamState(SPEC, freq, 1, ("temperature",))
-    fast.origin = ts[0]
-    for start in range(0, 320, 40):  # chunks in time order, shuffled inside, duplicates, gaps
-        n = 60
-        part = pd.DataFrame(
-            {
-                "meter_id": rng.choice(["a", "b", "c"], n),
-                "ts": ts[start + rng.integers(0, 40, n)],
-                "value": rng.normal(size=n),
-                "temperature": rng.normal(size=n),
-            }
-        )
-        part.loc[rng.random(n) < 0.1, "value"] = np.nan
-        ref.update(part)
-        ns = part["ts"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]")
-        data = part[["value", "temperature"]].to_numpy(np.float64)
-        fast.update_arrays(part["meter_id"].to_numpy(object), ns.view(np.int64), data)
-    # the next forecasts (the reference's shorter buffer holds everything they read)
-    ids = np.repeat(["a", "b", "c", "zz"], 2)
-    targets = pd.Series(np.tile(pd.DatetimeIndex([ts[-1], ts[-1] + freq]), 4))
-    expected = ref.features(ids, targets, 1)
-    assert expected["season7d_0"].notna().any()
-    pd.testing.assert_frame_equal(expected, fast.features(ids, targets, 1))
+def test_light_checkpoint_then_observe_gives_the_forecasts_of_a_model_that_never_stopped() -> None:
+    batches = _fleet_batches(meters=6, days=14)
+    model = OnlineForecaster(features=SPEC, learning_rate=1e-3)
+    for x in batches[:200]:
+        model.learn_many(x)
+    light = model.state_dict(buffers=False)
+    assert "values" not in light and "stats" not in light
+    arrays = sum(v.nbytes for v in light.values() if isinstance(v, np.ndarray))
+    assert arrays < 16_000  # a few KB, whatever the number of meters
+    restored = OnlineForecaster.from_state(unpack_state(pack_state(light)))
+    assert restored.is_fitted and restored.state_.meters == []
+    # a restarted worker: the recent history from the store fills the buffers, nothing is learned
+    depth = restored.state_.length
+    restored.observe(pd.concat(batches[200 - depth - 1 : 200]))
+    np.testing.assert_array_equal(restored.coef_, model.coef_)
+    for x in batches[200:260]:
+        np.testing.assert_array_equal(restored.predict_learn_many(x), model.predict_learn_many(x))
+
+
+def test_old_state_versions_are_refused() -> None:
+    with pytest.raises(InputError, match="version"):
+        OnlineForecaster.from_state({"version": 1, "params": {}})
+
+
+# --------------------------------------------------------------------------- Forecaster API
+
+
+def _fleet_frame(meters: int = 4, days: int = 14, seed: int = 0) -> pd.DataFrame:
+    readings = simulate(FleetSpec(meters=meters, periods=24 * days, seed=seed)).readings
+    return readings.drop(columns="label")
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_predict_never_peeks(horizon: int) -> None:
+    """Changing every reading after t - h changes no forecast for t, in or after the fit period."""
+    frame = _fleet_frame()
+    t0 = frame["ts"].min() + pd.Timedelta("10d")
+    model = OnlineForecaster(horizon=horizon, features=SPEC).fit(frame[frame["ts"] < t0])
+    before = model.state_dict()
+    for start in (t0 - pd.Timedelta("2d"), t0):  # replay from scratch / go on from the fit
+        base = model.predict(frame, horizon, start=start)
+        assert len(base) == 4 * int((frame["ts"].max() - start) / pd.Timedelta("1h") + 1)
+        for cutoff in (start + pd.Timedelta("5h"), start + pd.Timedelta("30h")):
+            poisoned = frame.copy()
+            late = poisoned["ts"] > cutoff
+            poisoned.loc[late, "value"] = np.where(poisoned.index[late] % 3 == 0, np.nan, 1e3)
+            after = model.predict(poisoned, horizon, start=start)
+            safe = (base["ts"] <= cutoff + horizon * pd.Timedelta("1h")).to_numpy()
+            pd.testing.assert_frame_equal(after[safe], base[safe])
+            assert not np.allclose(after["yhat"][~safe], base["yhat"][~safe])  # it does read
+    # predicting changed nothing in the fitted model
+    for key in ("xtx", "coef", "values", "stats"):
+        np.testing.assert_array_equal(model.state_dict()[key], before[key])
+
+
+def test_forecaster_api_intervals_and_other_horizons() -> None:
+    frame = _fleet_frame(meters=6, days=28, seed=4)
+    t0 = frame["ts"].min() + pd.Timedelta("21d")
+    model = create("online", horizons=(1,), features=FeatureSpec(freq="1h")).fit(
+        frame[frame["ts"] < t0]
+    )
+    assert isinstance(model, OnlineForecaster) and model.spec.calendar == "cyclic"
+    pred = model.predict(frame, 1, start=t0)
+    assert list(pred.columns) == ["meter_id", "ts", "yhat", "q10", "q50", "q90"]
+    truth = frame.set_index(["meter_id", "ts"])["value"]
+    y = truth.reindex(pd.MultiIndex.from_frame(pred[["meter_id", "ts"]])).to_numpy()
+    ok = np.isfinite(y)
+    inside = (y[ok] >= pred["q10"].to_numpy()[ok]) & (y[ok] <= pred["q90"].to_numpy()[ok])
+    assert 0.65 <= inside.mean() <= 0.95
+    assert (pred["q10"] <= pred["q50"]).all() and (pred["q50"] <= pred["q90"]).all()
+    # a horizon the model was not fitted for: a fresh twin learns it from the frame
+    other = model.predict(frame, 3, start=t0)
+    assert other["yhat"].notna().all() and not np.allclose(other["yhat"], pred["yhat"])
+    fc = model.forecast(frame[frame["ts"] < t0], 2)
+    assert fc.groupby("meter_id").size().tolist() == [2] * 6 and fc["yhat"].notna().all()
+    with pytest.raises(ConfigError, match="one horizon"):
+        create("online", horizons=(1, 24))
+
+
+def test_bench_online_measures_both_sides() -> None:
+    pytest.importorskip("river")
+    frame = _fleet_frame(meters=5, days=10)
+    ours = online_rate(frame, batch_rows=50)
+    assert isinstance(ours, RateResult) and ours.rows == len(frame)
+    assert ours.readings_per_s > 0 and ours.rmse is not None and np.isfinite(ours.rmse)
+    ref = river_rate(frame, limit_rows=200, skip_rows=24 * 5 * 8)
+    assert ref.rows == 200 and ref.rmse is not None and ref.scored > 100
+    assert ref.feature_seconds is not None and 0 < ref.feature_seconds < ref.seconds
+    assert set(ref.to_dict()) >= {"readings_per_s", "rows", "rmse"}
 
 
 def test_frequency_needed_for_one_step_batches_and_bad_params() -> None:

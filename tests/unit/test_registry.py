@@ -271,3 +271,42 @@ def test_cli_train_list_promote_rollback_audit(tmp_path: Path, template_db: Path
     failed = runner.invoke(app, ["models", "rollback", "--reason", "x", "--config", str(config)])
     assert isinstance(failed.exception, NotFound)
     assert (tmp_path / ".meterops" / "mlartifacts").is_dir()
+
+
+def test_online_model_storage_round_trip_resumes_learning(tmp_path: Path) -> None:
+    from meterops.models.online import OnlineForecaster
+
+    frame = fleet(days=12)
+    cut = frame["ts"].min() + pd.Timedelta("10d")
+    model = OnlineForecaster(horizon=2, features=FeatureSpec(freq="1h")).fit(
+        frame[frame["ts"] < cut]
+    )
+    path = save_forecaster(model, tmp_path / "online")
+    assert (path / "forecaster.json").is_file() and (path / "online_state.npz").is_file()
+    assert not list(path.rglob("*.pkl"))  # nothing pickled
+    with np.load(path / "online_state.npz", allow_pickle=False) as npz:
+        assert "values" in npz.files and "xtx" in npz.files
+    loaded = load_forecaster(path)
+    assert isinstance(loaded, OnlineForecaster)
+    assert loaded.get_params() == model.get_params()
+    pd.testing.assert_frame_equal(
+        loaded.forecast(frame[frame["ts"] < cut], 2), model.forecast(frame[frame["ts"] < cut], 2)
+    )
+    pd.testing.assert_frame_equal(
+        loaded.predict(frame, 2, start=cut), model.predict(frame, 2, start=cut)
+    )
+    later = frame[frame["ts"] >= cut]
+    np.testing.assert_array_equal(loaded.predict_learn_many(later), model.predict_learn_many(later))
+
+
+def test_online_model_is_logged_backtested_and_loaded(registry: Registry) -> None:
+    from meterops.models.online import OnlineForecaster
+
+    frame = fleet(days=14)
+    model = OnlineForecaster(horizon=1, features=FeatureSpec(freq="1h"))
+    version = log(registry, model, frame)
+    run = registry.client.get_run(registry.list()[0].run_id)
+    assert run.data.metrics["rmse_h1"] > 0
+    loaded = registry.load(version)
+    assert isinstance(loaded, OnlineForecaster)
+    pd.testing.assert_frame_equal(loaded.forecast(frame, 1), model.forecast(frame, 1))
