@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -381,14 +382,19 @@ def worker(
     ] = False,
     batch_rows: Annotated[int | None, typer.Option(help="Micro-batch size.")] = None,
 ) -> None:
-    """Consume readings: validate, store, write the lake, commit offsets.
+    """Consume readings: validate, score with the champion, store, lake, commit offsets.
 
+    Each valid reading gets a forecast per horizon ([scoring] horizons) with its
+    10/50/90 % quantiles and an anomaly score from the registry's champion (a new
+    champion is picked up within seconds), and the online model learns from it.
     Several workers with the same config share the partitions.
 
     Example: meterops worker --until-idle
     """
+    from meterops.cli_models import _log_to_stderr
     from meterops.pipeline import BatchStats, Pipeline, WorkerTotals
 
+    _log_to_stderr()
     overrides: dict[str, Any] = {}
     if batch_rows is not None:
         overrides["worker"] = {"batch_rows": batch_rows}
@@ -402,7 +408,9 @@ def worker(
             last[0] = time.monotonic()
             err.print(
                 f"worker: {totals.rows:,} readings ({totals.rate:,.0f}/s), stored "
-                f"{totals.stored:,}, dead letters {totals.deadletters:,}"
+                f"{totals.stored:,}, dead letters {totals.deadletters:,}, predictions "
+                f"{totals.predictions:,}, anomalies {totals.anomalies:,}"
+                + (f" ({stats.model})" if stats.model else "")
             )
 
     with Pipeline(settings) as pipe:
@@ -413,7 +421,8 @@ def worker(
             return
     out.print(
         f"processed {totals.rows} readings: stored {totals.stored}, duplicates "
-        f"{totals.duplicates}, dead letters {totals.deadletters}"
+        f"{totals.duplicates}, dead letters {totals.deadletters}, predictions "
+        f"{totals.predictions}, anomalies {totals.anomalies}"
     )
 
 
@@ -550,6 +559,16 @@ def up(
         _run_stack(settings, cfg, env, meters, replay_speed, sim_speed, duration)
 
 
+def _has_champion(settings: Settings) -> bool:
+    """Whether the project's registry has a champion (False when it cannot tell)."""
+    from meterops.stream import ChampionWatcher
+
+    try:
+        return ChampionWatcher(settings).check() is not None
+    except MeterOpsError:
+        return False
+
+
 def _run_stack(
     settings: Settings,
     cfg: Path,
@@ -576,7 +595,43 @@ def _run_stack(
             "--speed", str(sim_speed), "--start", "2024-01-01",
         ],
     }  # fmt: skip
-    procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}  # noqa: S603
+    if not _has_champion(settings):
+        # no model yet: train one on simulated history of the same fleet; the worker
+        # picks it up when it is promoted (hot reload) and starts scoring
+        history = settings.project_dir / ".meterops" / "demo-history.parquet"
+        simulate = [
+            *base,
+            "simulate",
+            "--meters",
+            str(meters),
+            "--days",
+            "60",
+            "--start",
+            "2023-11-02",
+            "--out",
+            str(history),
+        ]
+        train = [
+            *base,
+            "train",
+            str(history),
+            "--horizon",
+            "1",
+            "--horizon",
+            "24h",
+            "--folds",
+            "1",
+            "--n-estimators",
+            "100",
+        ]
+        commands["trainer"] = ["sh", "-c", f"{shlex.join(simulate)} && {shlex.join(train)}"]
+    # the trainer runs two commands through sh: its own process group, stopped as a whole
+    procs = {
+        name: subprocess.Popen(cmd, env=env, start_new_session=name == "trainer")  # noqa: S603
+        for name, cmd in commands.items()
+    }
+    if "trainer" in procs:
+        out.print("no champion yet: training one on 60 days of simulated history ...")
     out.print(
         f"meterops is up: worker, replay of {real.name} and {meters} simulated meters.\n"
         f"  status:       meterops --config {cfg} status   (or: status --watch 2)\n"
@@ -598,8 +653,11 @@ def _run_stack(
     except KeyboardInterrupt:
         out.print("stopping ...")
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
+        for name, proc in procs.items():
+            if name == "trainer":
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            elif proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
             try:
@@ -650,6 +708,43 @@ def bench_ingest_cmd(
                 f"ratio {sc['ratios'][name]:.2f}"
             )
     out.print("\n".join(lines))
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_cmd(
+    meters: Annotated[int, typer.Option(help="Simulated meters (hourly).")] = 1000,
+    train_days: Annotated[int, typer.Option(help="Days the champion is trained on.")] = 30,
+    backlog_days: Annotated[int, typer.Option(help="Days in each drained backlog.")] = 5,
+    rate: Annotated[float, typer.Option(help="Steady readings/s for latency.")] = 10_000.0,
+    seconds: Annotated[float, typer.Option(help="Duration of the steady run.")] = 20.0,
+    river_rows: Annotated[int, typer.Option(help="Readings River processes.")] = 20_000,
+    fmt: FormatOpt = "table",
+) -> None:
+    """The scoring worker end to end: readings/s, latency, 2 vs 1 workers, vs River.
+
+    Embedded backends in a temporary project; the champion is a GBM (1 step and
+    24 h, 10/50/90 % quantiles) trained and promoted here first.
+
+    Examples:
+      meterops bench pipeline --format json
+      meterops bench pipeline --meters 200 --seconds 10
+    """
+    from meterops.bench_pipeline import bench_pipeline
+
+    result = bench_pipeline(
+        meters=meters,
+        train_days=train_days,
+        backlog_days=backlog_days,
+        rate=rate,
+        latency_seconds=seconds,
+        river_rows=river_rows,
+        progress=lambda text: err.print(f"bench pipeline: {text}", markup=False),
+    )
+    if fmt == "json":
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:28} {value}")
 
 
 @bench_app.command("train")

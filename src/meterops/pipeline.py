@@ -2,15 +2,19 @@
 
 A reading's path: a source publishes a :class:`ReadingBatch` to the
 ``readings`` topic (:meth:`Pipeline.publish`); a :class:`Worker` polls
-micro-batches, validates them, writes good rows and dead letters to the store
-in one transaction, exports the new rows to the lake, publishes dead letters
-to the ``deadletters`` topic and only then commits the bus offsets. A crash
-anywhere before the commit means redelivery, and the store's idempotent
-write turns that into exactly-once results.
+micro-batches, validates them, scores the valid readings with the champion
+and the online learners (:mod:`meterops.stream`, :mod:`meterops.online_stream`),
+writes readings, dead letters, predictions, scores, online metrics and
+checkpoints to the store in one transaction, exports the new rows to the
+lake, publishes predictions and dead letters to their topics and only then
+commits the bus offsets. A crash anywhere before the commit means
+redelivery, and the store's idempotent write turns that into exactly-once
+results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,12 +28,29 @@ import pandas as pd
 import pyarrow as pa
 
 from meterops.backends import make_bus, make_store
-from meterops.bus.base import DEADLETTERS, READINGS, TOPICS, Bus, Consumer, Producer
-from meterops.errors import Unavailable
+from meterops.bus.base import (
+    DEADLETTERS,
+    PREDICTIONS,
+    READINGS,
+    TOPICS,
+    Bus,
+    Consumer,
+    Producer,
+)
+from meterops.errors import ConfigError, Unavailable
 from meterops.lake import Lake
 from meterops.settings import Settings, redact_url
-from meterops.store.base import Store
-from meterops.types import RAW, REJECT, Message, ReadingBatch, deadletter_table
+from meterops.store.base import Scored, Store
+from meterops.types import (
+    ONLINE_METRIC_SCHEMA,
+    PREDICTION_SCHEMA,
+    RAW,
+    REJECT,
+    SCORE_SCHEMA,
+    Message,
+    ReadingBatch,
+    deadletter_table,
+)
 from meterops.validate import validate
 
 __all__ = ["BatchStats", "Pipeline", "Worker", "WorkerTotals", "commit_map"]
@@ -47,6 +68,9 @@ class BatchStats:
     duplicates: int
     deadletters: int
     seconds: float
+    predictions: int = 0
+    anomalies: int = 0
+    model: str | None = None
 
 
 @dataclass
@@ -58,6 +82,8 @@ class WorkerTotals:
     stored: int = 0
     duplicates: int = 0
     deadletters: int = 0
+    predictions: int = 0
+    anomalies: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def add(self, s: BatchStats) -> None:
@@ -66,6 +92,8 @@ class WorkerTotals:
         self.stored += s.stored
         self.duplicates += s.duplicates
         self.deadletters += s.deadletters
+        self.predictions += s.predictions
+        self.anomalies += s.anomalies
 
     @property
     def rate(self) -> float:
@@ -143,7 +171,13 @@ class Pipeline:
             "meters": counts.meters,
             "deadletters": counts.deadletters,
             "deadletters_by_reason": counts.deadletters_by_reason,
+            "predictions": counts.predictions,
+            "anomalies": counts.anomalies,
             "lag": self.bus.lag(group, READINGS),
+            "workers": {
+                member: sorted(f"{t}/{p}" for t, p in parts)
+                for member, parts in self.bus.group_members(group).items()
+            },
             "published": sum(self.bus.end_offsets(READINGS).values()),
             "last_ts": None if counts.last_ts is None else counts.last_ts.isoformat(),
             "backends": {
@@ -193,8 +227,22 @@ def _deadletters_as_readings(frame: pd.DataFrame) -> ReadingBatch:
     return ReadingBatch(table)
 
 
+@dataclass
+class Prepared:
+    """A validated, scored micro-batch, ready for the one store transaction."""
+
+    rows: int
+    good: ReadingBatch
+    dead: pa.Table
+    lineage: dict[str, Any]
+    origins: pa.Table
+    duplicates: int
+    scored: Scored | None
+    model: str | None
+
+
 class Worker:
-    """Consumes ``readings`` in micro-batches: validate, store, lake, then commit."""
+    """Consumes ``readings`` in micro-batches: validate, score, store, lake, then commit."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -204,17 +252,46 @@ class Worker:
         self._consumer: Consumer | None = None
         self._registered: set[str] | None = None
         self._registered_at = 0.0
+        self._scoring = self.settings.scoring.enabled
+        self._watcher: Any = None
+        self._scorer: Any = None
+        self._online: Any = None
+        self._assignment: frozenset[tuple[str, int]] = frozenset()
 
     def _open(self) -> Consumer:
         if self._consumer is None:
             self._finish_lake_exports()
+            if self._scoring and self._watcher is None:
+                self._start_scoring()
             self._consumer = self.pipeline.bus.consumer(self.settings.worker.group, [READINGS])
         return self._consumer
+
+    def _start_scoring(self) -> None:
+        """Champion watcher and online learners (optional parts: missing extras disable them)."""
+        from meterops.online_stream import OnlineLearners
+
+        if self.settings.scoring.online:
+            self._online = OnlineLearners(self.pipeline.store, self.settings.worker.group)
+        try:
+            from meterops.stream import ChampionWatcher
+        except ImportError as exc:  # the registry extra is not installed
+            log.warning("no champion scoring: %s", exc)
+            return
+        self._watcher = ChampionWatcher(self.settings)
+        self._watcher.start()
 
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    @property
+    def model(self) -> str | None:
+        """The label of the champion this worker scores with (None: not scoring)."""
+        return None if self._scorer is None else str(self._scorer.label)
 
     def _finish_lake_exports(self) -> None:
         """Export batches a crashed worker stored but did not finish writing to the lake."""
@@ -231,9 +308,41 @@ class Worker:
             self._registered_at = time.monotonic()
         return self._registered
 
-    def process(self, messages: list[Message]) -> BatchStats:
-        """Validate and store one micro-batch; the caller commits afterwards."""
-        started = time.perf_counter()
+    def _switch_champion(self) -> None:
+        """Between two micro-batches: adopt a newly promoted champion (hot reload)."""
+        if self._watcher is None:
+            return
+        loaded = self._watcher.take()
+        if loaded is None:
+            return
+        from meterops.stream import ChampionScorer
+
+        try:
+            self._scorer = ChampionScorer(loaded, self.settings.scoring)
+        except ConfigError as exc:
+            log.warning("%s; readings are stored unscored", exc)
+            self._scorer = None
+            return
+        log.info("scoring with %s", loaded.label)
+
+    def _follow_assignment(self) -> None:
+        """After a rebalance, forget state of partitions that may have moved meanwhile."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        owned = frozenset(consumer.assignment())
+        if owned == self._assignment:
+            return
+        if self._assignment and self._scorer is not None:
+            from meterops.stream import ChampionScorer
+
+            self._scorer = ChampionScorer(self._scorer.loaded, self.settings.scoring)
+        if self._online is not None:
+            self._online.drop(f"{t}/{p}" for t, p in owned)
+        self._assignment = owned
+
+    def prepare(self, messages: list[Message]) -> Prepared:
+        """Validate and score one micro-batch (no store write yet)."""
         batch = ReadingBatch.concat(m.batch for m in messages)
         lengths = [len(m) for m in messages]
         sources = np.repeat(np.array([f"{m.topic}/{m.partition}" for m in messages]), lengths)
@@ -248,26 +357,77 @@ class Worker:
             sources[rejected],
             offsets[rejected],
         )
-        origins = pa.table(
-            {"source": sources[checked.good_rows], "offset": offsets[checked.good_rows]}
-        )
+        good_sources = sources[checked.good_rows]
+        good_offsets = offsets[checked.good_rows]
+        origins = pa.table({"source": good_sources, "offset": good_offsets})
         lineage = {
             "offsets": {f"{m.topic}/{m.partition}": [m.offset, m.next_offset] for m in messages}
         }
+        scored = None
+        if self._scoring and len(checked.good):
+            nexts = np.repeat(np.array([m.next_offset for m in messages], np.int64), lengths)
+            scored = self._score(checked.good, good_sources, good_offsets, nexts[checked.good_rows])
+        return Prepared(
+            rows=len(batch),
+            good=checked.good,
+            dead=dead,
+            lineage=lineage,
+            origins=origins,
+            duplicates=checked.duplicates,
+            scored=scored,
+            model=self.model,
+        )
+
+    def _score(
+        self,
+        good: ReadingBatch,
+        sources: np.ndarray,
+        offsets: np.ndarray,
+        message_next: np.ndarray,
+    ) -> Scored:
+        now = time.time_ns() // 1000
+        predictions, scores = PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
+        if self._scorer is not None:
+            self._scorer.prime(self.pipeline.store, good)
+            predictions, scores = self._scorer.score(good, sources, offsets, now)
+        metrics, checkpoints = ONLINE_METRIC_SCHEMA.empty_table(), []
+        if self._online is not None:
+            metrics, checkpoints = self._online.step(good.to_pandas(), sources, message_next, now)
+        return Scored(predictions, scores, metrics, checkpoints)
+
+    def write(self, prepared: Prepared) -> BatchStats:
+        """Store a prepared micro-batch in one transaction, then lake and topics."""
+        started = time.perf_counter()
         store = self.pipeline.store
-        result = store.write(checked.good, dead, lineage, origins)
-        new_rows = checked.good.filter(pa.array(result.new_mask))
+        result = store.write(
+            prepared.good, prepared.dead, prepared.lineage, prepared.origins, prepared.scored
+        )
+        new_rows = prepared.good.filter(pa.array(result.new_mask))
         self.pipeline.lake.write(new_rows, result.batch_id)
         store.lake_done(result.batch_id)
-        if dead.num_rows:
-            self.pipeline.producer.send(DEADLETTERS, dead)
+        if prepared.dead.num_rows:
+            self.pipeline.producer.send(DEADLETTERS, prepared.dead)
+        anomalies = 0
+        if prepared.scored is not None:
+            if prepared.scored.predictions.num_rows:
+                self.pipeline.producer.send(PREDICTIONS, prepared.scored.predictions)
+            anomalies = int(np.count_nonzero(prepared.scored.scores.column("is_anomaly")))
         return BatchStats(
-            rows=len(batch),
+            rows=prepared.rows,
             stored=result.inserted,
-            duplicates=checked.duplicates + result.duplicates,
+            duplicates=prepared.duplicates + result.duplicates,
             deadletters=result.deadletters,
             seconds=time.perf_counter() - started,
+            predictions=result.predictions,
+            anomalies=anomalies,
+            model=prepared.model,
         )
+
+    def process(self, messages: list[Message]) -> BatchStats:
+        """Validate, score and store one micro-batch; the caller commits afterwards."""
+        started = time.perf_counter()
+        stats = self.write(self.prepare(messages))
+        return _with_seconds(stats, time.perf_counter() - started)
 
     def step(self, timeout: float | None = None) -> BatchStats | None:
         """Poll once, process and commit; None when nothing arrived within ``timeout``.
@@ -275,15 +435,22 @@ class Worker:
         An unreachable bus or store (:class:`Unavailable`) is retried with
         exponential backoff for up to ``worker.retry_for`` seconds: the same
         micro-batch is written again, which the idempotent store makes safe.
+        Scoring happens once per delivery (the online learners must not learn
+        a batch twice); only the store write is repeated.
         """
         wait = self.settings.worker.poll_timeout if timeout is None else timeout
         messages = self._retrying(
             "poll", lambda: self._open().poll(self.settings.worker.batch_rows, wait)
         )
+        self._switch_champion()
         if not messages:
             return None
-        stats = self._retrying("store", lambda: self.process(messages))
+        self._follow_assignment()
+        started = time.perf_counter()
+        prepared = self._retrying("score", lambda: self.prepare(messages))
+        stats = self._retrying("store", lambda: self.write(prepared))
         self._retrying("commit", lambda: self._open().commit(commit_map(messages)))
+        stats = _with_seconds(stats, time.perf_counter() - started)
         self.totals.add(stats)
         return stats
 
@@ -322,6 +489,10 @@ class Worker:
         finally:
             self.close()
         return self.totals
+
+
+def _with_seconds(stats: BatchStats, seconds: float) -> BatchStats:
+    return dataclasses.replace(stats, seconds=seconds)
 
 
 def commit_map(messages: Iterable[Message]) -> Mapping[tuple[str, int], int]:

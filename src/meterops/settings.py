@@ -128,6 +128,42 @@ class WorkerSettings(_Section):
     retry_for: float = Field(300.0, ge=0)  # keep retrying an unreachable backend this long
 
 
+class ScoringSettings(_Section):
+    """What the worker does with each valid reading (see :mod:`meterops.stream`).
+
+    ``horizons`` are forecast per reading by the champion (durations or
+    steps); a reading is an anomaly when it is more than ``anomaly_threshold``
+    interval-widths-in-sigmas from its one-step forecast. ``reload_every`` is
+    how often (seconds) the champion alias is checked; ``online`` runs the
+    online model prequentially per micro-batch and ``online_registry_every``
+    logs it to the registry this often (``"0"``: never).
+    """
+
+    enabled: bool = True
+    horizons: tuple[str, ...] = ("1", "24h")
+    anomaly_threshold: float = Field(4.0, gt=0)
+    reload_every: float = Field(1.0, gt=0)
+    online: bool = True
+    online_registry_every: str = "1h"
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("horizons must name at least one horizon")
+        for text in v:
+            if not str(text).strip().isdigit():
+                parse_duration(text)
+        return tuple(str(t) for t in v)
+
+    @field_validator("online_registry_every")
+    @classmethod
+    def _every(cls, v: str) -> str:
+        if str(v).strip() != "0":
+            parse_duration(v)
+        return v
+
+
 class SourceSettings(_Section):
     timezone: str = "UTC"
     chunk_rows: int = Field(100_000, ge=1)
@@ -171,6 +207,7 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     validation: ValidationSettings = ValidationSettings()
     worker: WorkerSettings = WorkerSettings()
+    scoring: ScoringSettings = ScoringSettings()
     source: SourceSettings = SourceSettings()
     registry: RegistrySettings = RegistrySettings()
 
@@ -292,6 +329,15 @@ group = "workers"         # consumer group: workers in one group share partition
 batch_rows = 100000       # micro-batch size
 poll_timeout = 0.5        # seconds to wait for new readings
 retry_for = 300           # seconds to keep retrying an unreachable bus or store (backoff)
+
+[scoring]
+# The worker scores every valid reading with the registry's champion.
+enabled = true
+horizons = ["1", "24h"]   # forecasts per reading: steps or durations
+anomaly_threshold = 4.0   # flag readings this many sigmas (from the 80 % interval) off
+reload_every = 1.0        # seconds between checks of the champion alias (hot reload)
+online = true             # online model learns per micro-batch (prequential metrics)
+online_registry_every = "1h"  # log the online model to the registry this often ("0": never)
 
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files

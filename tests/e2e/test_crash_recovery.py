@@ -50,14 +50,15 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(
     )
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = json.loads(cli("status", "--format", "json").stdout)
-            if status["readings"] > 10_000:
-                break
-            time.sleep(0.05)
+        with Pipeline(load_settings(workdir / "meterops.toml")) as pipe:
+            while time.monotonic() < deadline:
+                stored_now = pipe.store.counts().readings
+                if stored_now > 10_000:
+                    break
+                time.sleep(0.02)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
-        assert 10_000 < status["readings"] < len(truth), "not killed mid-stream"
+        assert 10_000 < stored_now < len(truth), "not killed mid-stream"
         assert replay.wait(timeout=60) == 0
     finally:
         for proc in (worker, replay):

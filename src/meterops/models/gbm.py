@@ -67,20 +67,24 @@ fit time) are forecast by the ``fallback`` baseline, with a logged warning.
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from meterops.dayahead import DayAhead, parse_horizon, predict_by_lead
 from meterops.errors import ConfigError
 from meterops.features import (
+    FeaturePlan,
     FeatureSpec,
+    _utc,
     build_frame,
     covariate_columns,
-    regularize,
     resolve_horizon,
 )
 from meterops.models.base import (
@@ -94,21 +98,23 @@ from meterops.models.base import (
 )
 from meterops.models.baselines import NaiveForecaster, Persistence, SeasonalNaive
 
-__all__ = ["GBMForecaster"]
+__all__ = ["DayAheadModel", "GBMForecaster"]
 
 log = logging.getLogger("meterops.models")
 
 _TARGETS = ("yhat", "q10", "q50", "q90")
 _HOLDOUT_ROWS = 200_000  # plenty for a quantile of the residuals (coverage s.e. ~0.0007)
+_CHUNK_ROWS = 500_000  # readings per feature-building part (whole meters)
 
 
-def _fallback_model(name: str) -> NaiveForecaster:
+def _fallback_model(name: str, freq: pd.Timedelta | None = None) -> NaiveForecaster:
+    step = None if freq is None else f"{int(freq.total_seconds())}s"
     if name == "persistence":
-        return Persistence()
+        return Persistence(freq=step)
     if name == "seasonal_naive_daily":
-        return SeasonalNaive(period="1d")
+        return SeasonalNaive(period="1d", freq=step)
     if name == "seasonal_naive_weekly":
-        return SeasonalNaive(period="7d")
+        return SeasonalNaive(period="7d", freq=step)
     raise ConfigError(
         f"unknown fallback {name!r}; valid: persistence, seasonal_naive_daily, "
         "seasonal_naive_weekly"
@@ -127,6 +133,123 @@ def _spread_sample(idx: np.ndarray, limit: int | None, rng: np.random.Generator)
     width = n / limit
     pick = ((np.arange(limit) + rng.random(limit)) * width).astype(np.int64)
     return idx[np.minimum(pick, n - 1)]
+
+
+def _meter_chunks(df: pd.DataFrame, rows: int) -> Iterator[pd.DataFrame]:
+    """``df`` in parts of whole meters, in sorted meter order, of about ``rows`` rows each.
+
+    Features are per meter, so building them part by part gives the same rows
+    as one call, with only one part's float64 intermediates alive at a time.
+    """
+    if len(df) <= rows:
+        yield df
+        return
+    codes, uniques = pd.factorize(df["meter_id"], sort=True)
+    ends = np.cumsum(np.bincount(codes, minlength=len(uniques)))
+    order = np.argsort(codes, kind="stable")
+    lo, begin = 0, 0
+    while lo < len(uniques):
+        hi = min(len(uniques), max(lo + 1, int(np.searchsorted(ends, begin + rows, "right"))))
+        stop = int(ends[hi - 1])
+        yield df.iloc[order[begin:stop]]
+        lo, begin = hi, stop
+
+
+def _recent(df: pd.DataFrame, start: pd.Timestamp | None, depth: pd.Timedelta) -> pd.DataFrame:
+    """The readings a forecast of ``ts >= start`` can read (``depth`` back), and no older ones.
+
+    Each meter also keeps its last reading before that, so its grid covers the
+    same slots from ``start`` on as with its whole history (the rows differ
+    only where no feature looks). ``start=None``: everything.
+    """
+    if start is None:
+        return df
+    cut = _utc(pd.Series([start])).iloc[0] - depth
+    old = (df["ts"] < cut).to_numpy()
+    if not old.any():
+        return df
+    ns = _ns(df["ts"][old])
+    newest = pd.Series(ns).groupby(df["meter_id"].to_numpy()[old], sort=False).transform("max")
+    keep = ~old
+    keep[np.flatnonzero(old)[ns == newest.to_numpy()]] = True
+    out: pd.DataFrame = df[keep]
+    return out
+
+
+def _ns(ts: pd.Series) -> np.ndarray:
+    out: np.ndarray = (
+        ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]").view(np.int64)
+    )
+    return out
+
+
+def _knots(lo: int, hi: int, limit: int) -> tuple[int, ...]:
+    """Feature horizons serving the leads ``lo .. hi``: each one, or ``limit`` equal bins' ends.
+
+    >>> len(_knots(14, 37, 24)), _knots(14, 37, 24)[:3], _knots(1, 10, 3)
+    (24, (14, 15, 16), (4, 8, 10))
+    """
+    width = max(1, math.ceil((hi - lo + 1) / max(1, limit)))
+    return tuple(sorted({min(hi, lo - 1 + width * i) for i in range(1, (hi - lo) // width + 2)}))
+
+
+class _Buffer:
+    """A growing array: ``add`` appends rows, ``view`` is what was added (no copy)."""
+
+    def __init__(self, rows: int, cols: int, dtype: Any) -> None:
+        self._data = np.empty((max(rows, 1), cols) if cols else max(rows, 1), dtype=dtype)
+        self._n = 0
+
+    def add(self, part: np.ndarray) -> None:
+        need = self._n + len(part)
+        if need > len(self._data):
+            bigger = np.empty(
+                (max(need, 2 * len(self._data)), *self._data.shape[1:]), self._data.dtype
+            )
+            bigger[: self._n] = self._data[: self._n]
+            self._data = bigger
+        self._data[self._n : need] = part
+        self._n = need
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._n]
+
+
+@dataclass
+class _Rows:
+    """Standardised training rows: features, ``z`` target, meter codes (rows of
+    ``stats_``), target times (ns)."""
+
+    x: np.ndarray
+    z: np.ndarray
+    ids: np.ndarray
+    times: np.ndarray
+    names: list[str]
+
+
+@dataclass
+class DayAheadModel:
+    """The boosters of one day-ahead horizon of :class:`GBMForecaster` (module docstring).
+
+    A slot of lead ``L`` gets the features of horizon :meth:`served` ``(L)``
+    (the smallest knot ``>= L``; ``L`` itself beyond the last knot) and that
+    horizon as the ``lead`` feature.
+    """
+
+    horizon: DayAhead
+    knots: tuple[int, ...]
+    plan: FeaturePlan
+    boosters: dict[str, lgb.Booster] = field(default_factory=dict)
+    shifts: dict[str, float] = field(default_factory=dict)
+    validation: pd.DataFrame | None = None
+    calibration_start: pd.Timestamp | None = None
+
+    def served(self, leads: np.ndarray) -> np.ndarray:
+        knots = np.asarray(self.knots, dtype=np.int64)
+        pos = np.searchsorted(knots, leads, side="left")
+        inside = pos < len(knots)
+        out: np.ndarray = np.where(inside, knots[np.minimum(pos, len(knots) - 1)], leads)
+        return out.astype(np.int64)
 
 
 class GBMForecaster(Forecaster):
@@ -157,6 +280,7 @@ class GBMForecaster(Forecaster):
         quantile_rows: int | None = 500_000,
         min_history: int = 100,
         min_train_rows: int = 200,
+        day_ahead_leads: int = 24,
         fallback: str = "seasonal_naive_daily",
         n_jobs: int | None = None,
         seed: int = 0,
@@ -177,6 +301,7 @@ class GBMForecaster(Forecaster):
         self.quantile_rows = quantile_rows
         self.min_history = min_history
         self.min_train_rows = min_train_rows
+        self.day_ahead_leads = day_ahead_leads
         self.fallback = fallback
         self.n_jobs = n_jobs
         self.seed = seed
@@ -188,6 +313,8 @@ class GBMForecaster(Forecaster):
             value = getattr(self, cap)
             if value is not None and value < 1:
                 raise ConfigError(f"{cap} must be at least 1 (or None: no cap)")
+        if day_ahead_leads < 1:
+            raise ConfigError("day_ahead_leads must be at least 1")
         _fallback_model(fallback)
 
     # ------------------------------------------------------------------ fit
@@ -222,14 +349,20 @@ class GBMForecaster(Forecaster):
 
         Rows of meters without statistics get NaN level features and target.
         """
-        plan = self.plans_[h]
+        return self._standardise(feats, self.plans_[h], ())
+
+    def _standardise(
+        self, feats: pd.DataFrame, plan: FeaturePlan, extra: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_normalise` for any plan, with the ``extra`` columns appended unscaled."""
         pos = self.stats_.index.get_indexer(pd.Index(feats["meter_id"]))
         known = pos >= 0
         loc = np.where(known, self.stats_["loc"].to_numpy(np.float64)[pos], np.nan)
         scale = np.where(known, self.stats_["scale"].to_numpy(np.float64)[pos], np.nan)
         level, spread = set(plan.level_columns), set(plan.spread_columns)
-        x = np.empty((len(feats), len(plan.names)), dtype=np.float32)
-        for j, c in enumerate(plan.names):
+        names = [*plan.names, *extra]
+        x = np.empty((len(feats), len(names)), dtype=np.float32)
+        for j, c in enumerate(names):
             col = feats[c].to_numpy(np.float64)
             if c in level:
                 col = (col - loc) / scale
@@ -267,22 +400,39 @@ class GBMForecaster(Forecaster):
             for t, b in boosters.items()
         }
 
+    def _horizon_kinds(
+        self, spec: FeatureSpec, freq: pd.Timedelta
+    ) -> tuple[list[int], list[DayAhead]]:
+        """The configured horizons: direct ones in steps (sorted), day-ahead ones."""
+        steps: set[int] = set()
+        days: dict[str, DayAhead] = {}
+        for h in self.horizons:
+            da = parse_horizon(h, spec.timezone)
+            if da is None:
+                steps.add(resolve_horizon(h, freq))
+            else:
+                days[da.text] = da
+        return sorted(steps), list(days.values())
+
     def fit(self, frame: pd.DataFrame) -> Self:
         df = prepare_frame(frame)
         spec = self.features or FeatureSpec()
         freq = spec.resolve_freq(df)
-        steps = sorted({resolve_horizon(h, freq) for h in self.horizons})
+        steps, day_ahead = self._horizon_kinds(spec, freq)
         self.freq_ = freq
         self.origin_ = df["ts"].min()
         self.covariates_ = covariate_columns(df)
         self.spec_ = spec
         self.steps_ = steps
-        grid = regularize(df, freq, self.origin_, self.covariates_)
-        check_history(grid, max(steps))
-        self.fallback_ = _fallback_model(self.fallback).fit(df)
-
+        # the fallback's training grid is this model's grid too (same frequency and origin)
+        self.fallback_ = _fallback_model(self.fallback, freq).fit(df)
+        grid = self.fallback_.train_
+        first, last = grid["ts"].min(), grid["ts"].max()
+        leads = [da.lead_range(first, last, freq, self.origin_) for da in day_ahead]
+        check_history(grid, max([*steps, *(hi for _, hi in leads)]))
         values = grid.groupby("meter_id", sort=True)["value"]
         stats = pd.DataFrame({"count": values.count(), "loc": values.mean(), "std": values.std()})
+        del grid, values
         floor = np.maximum(0.01 * stats["loc"].abs(), 1e-6)
         stats["scale"] = np.maximum(stats["std"].fillna(0.0), floor)
         eligible = stats[stats["count"] >= self.min_history]
@@ -301,41 +451,118 @@ class GBMForecaster(Forecaster):
         self.shifts_: dict[int, dict[str, float]] = {}
         self.validation_: dict[int, pd.DataFrame] = {}
         self.calibration_start_: dict[int, pd.Timestamp] = {}
+        self.day_ahead_: dict[str, DayAheadModel | None] = {da.text: None for da in day_ahead}
         if eligible.empty:
             log.warning("gbm: no meter has enough history; every forecast uses %s", self.fallback)
             return self
-        train_frame = df[df["meter_id"].isin(eligible.index)]
+        train = df[df["meter_id"].isin(eligible.index)] if short else df
+        del df
         for h in steps:
-            self._fit_horizon(train_frame, h)
+            fitted = self._fit_rows(self._training_rows(train, h), f"horizon {h}")
+            if fitted is not None:
+                self.boosters_[h], self.shifts_[h], held, split = fitted
+                if held is not None and split is not None:
+                    self.validation_[h] = held
+                    self.calibration_start_[h] = split
+        for da, (lo, hi) in zip(day_ahead, leads, strict=True):
+            model = DayAheadModel(
+                horizon=da,
+                knots=_knots(lo, hi, self.day_ahead_leads),
+                plan=spec.plan(freq, hi, self.covariates_),
+            )
+            fitted = self._fit_rows(self._training_rows(train, model), da.text)
+            if fitted is not None:
+                model.boosters, model.shifts, model.validation, model.calibration_start = fitted
+                self.day_ahead_[da.text] = model
         return self
 
-    def _fit_horizon(self, df: pd.DataFrame, h: int) -> None:
-        feats = build_frame(
-            df,
-            self.spec_,
-            h,
-            freq=self.freq_,
-            origin=self.origin_,
-            covariates=self.covariates_,
+    # -- feature rows, a chunk of whole meters at a time (memory: see the module docstring)
+
+    def _build(self, part: pd.DataFrame, h: int) -> pd.DataFrame:
+        return build_frame(
+            part, self.spec_, h, freq=self.freq_, origin=self.origin_, covariates=self.covariates_
         )
-        feats = feats[np.isfinite(feats["value"].to_numpy(np.float64))]
-        plan = self.plans_[h]
-        # rows without any reading-based feature teach nothing but the mean
-        feats = feats[feats[plan.level_columns].notna().any(axis=1).to_numpy()]
-        if len(feats) < self.min_train_rows:
+
+    def _feature_chunks(
+        self,
+        df: pd.DataFrame,
+        horizon: int | DayAheadModel,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+    ) -> Iterator[pd.DataFrame]:
+        """Feature frames of ``start <= ts < end``, whole meters at a time, by meter then time.
+
+        For a day-ahead model each row gets the features of its own served
+        horizon (:meth:`DayAheadModel.served`) and a ``lead`` column holding it.
+        """
+        for part in _meter_chunks(df, _CHUNK_ROWS):
+            if not isinstance(horizon, DayAheadModel):
+                yield window(self._build(part, horizon), start, end).reset_index(drop=True)
+                continue
+            names = horizon.plan.names
+            feats = self._build(part, horizon.knots[-1])
+            served = horizon.served(horizon.horizon.leads(feats["ts"], self.freq_, self.origin_))
+            matrix = feats[names].to_numpy(np.float64)
+            for g in np.unique(served):
+                rows = served == g
+                if g != horizon.knots[-1]:
+                    matrix[rows] = self._build(part, int(g))[names].to_numpy(np.float64)[rows]
+            feats = feats[["meter_id", "ts", "value"]].copy()
+            feats[names] = matrix
+            feats["lead"] = served.astype(np.float64)
+            yield window(feats, start, end).reset_index(drop=True)
+
+    def _training_rows(self, df: pd.DataFrame, horizon: int | DayAheadModel) -> _Rows:
+        """The standardised training rows of ``horizon`` (finite target, some level feature).
+
+        Rows are appended chunk by chunk into buffers sized for every reading
+        (pages never written are never resident), so no step holds the rows twice.
+        """
+        day_ahead = isinstance(horizon, DayAheadModel)
+        plan = horizon.plan if isinstance(horizon, DayAheadModel) else self.plans_[horizon]
+        extra = ["lead"] if day_ahead else []
+        names = [*plan.names, *extra]
+        x = _Buffer(len(df), len(names), np.float32)
+        z = _Buffer(len(df), 0, np.float64)
+        ids = _Buffer(len(df), 0, np.int32)
+        times = _Buffer(len(df), 0, np.int64)
+        for feats in self._feature_chunks(df, horizon):
+            keep = np.isfinite(feats["value"].to_numpy(np.float64))
+            # rows without any reading-based feature teach nothing but the mean
+            keep &= feats[plan.level_columns].notna().any(axis=1).to_numpy()
+            part = feats[keep]
+            del feats
+            xs, zs = self._standardise(part, plan, extra)
+            x.add(xs)
+            z.add(zs)
+            ids.add(self.stats_.index.get_indexer(pd.Index(part["meter_id"])))
+            times.add(_ns(part["ts"]))
+        return _Rows(x.view(), z.view(), ids.view(), times.view(), names)
+
+    def _fit_rows(
+        self, rows: _Rows, what: str
+    ) -> (
+        tuple[dict[str, lgb.Booster], dict[str, float], pd.DataFrame | None, pd.Timestamp | None]
+        | None
+    ):
+        """Boosters, conformal shifts, hold-out predictions and calibration start, or None.
+
+        None (with a warning: the fallback serves) when there are fewer than
+        ``min_train_rows`` rows.
+        """
+        x, z, names = rows.x, rows.z, rows.names
+        if len(z) < self.min_train_rows:
             log.warning(
-                "gbm: only %d training rows for horizon %d; using the %s baseline",
-                len(feats),
-                h,
+                "gbm: only %d training rows for %s; using the %s baseline",
+                len(z),
+                what,
                 self.fallback,
             )
-            return
-        x, z = self._normalise(feats, h)
+            return None
         rng = np.random.default_rng(self.seed)
-        ts = feats["ts"]
-        first, last = ts.min(), ts.max()
-        split = first + (last - first) * (1 - self.calibration_fraction)
-        cal = (ts > split).to_numpy()
+        first, last = int(rows.times.min()), int(rows.times.max())
+        split = first + int((last - first) * (1 - self.calibration_fraction))
+        cal = rows.times > split
         shifts = {t: 0.0 for t in _TARGETS}
         enough = (
             cal.sum() >= max(50, self.min_train_rows // 4) and (~cal).sum() >= self.min_train_rows
@@ -343,16 +570,16 @@ class GBMForecaster(Forecaster):
         calibrate = self.calibration_fraction > 0 and enough
         # the calibration pass trains on the earlier rows; without one, on everything
         early = np.flatnonzero(~cal) if calibrate else np.arange(len(z))
-        rows = _spread_sample(early, self.max_train_rows, rng)
+        sample = _spread_sample(early, self.max_train_rows, rng)
         data = lgb.Dataset(
-            x[rows],
-            z[rows],
-            feature_name=list(plan.names),
+            x[sample],
+            z[sample],
+            feature_name=names,
             params=self._params("yhat"),
             free_raw_data=False,
         ).construct()
-        qpos = _spread_sample(np.arange(len(rows)), self.quantile_rows, rng)
-        qdata = data if len(qpos) == len(rows) else data.subset(qpos.tolist()).construct()
+        qpos = _spread_sample(np.arange(len(sample)), self.quantile_rows, rng)
+        qdata = data if len(qpos) == len(sample) else data.subset(qpos.tolist()).construct()
         # the hold-out (early stopping, conformal shifts, ``validation_``), capped: LightGBM
         # scores it tree by tree through its bins, slower per row than training
         held = _spread_sample(np.flatnonzero(cal), _HOLDOUT_ROWS, rng)
@@ -363,27 +590,31 @@ class GBMForecaster(Forecaster):
             train_set = data if target == "yhat" else qdata
             cap = self.n_estimators if target == "yhat" else self.quantile_estimators
             boosters[target], best[target] = self._train(target, train_set, cap, valid)
-        if calibrate:
-            raw = self._raw(boosters, x[held])
-            zc = z[held]
-            for target, q in zip(("q10", "q50", "q90"), QUANTILES, strict=True):
-                shifts[target] = float(np.quantile(zc - raw[target], q))
-            meta = feats[["meter_id", "ts"]].iloc[held].reset_index(drop=True)
-            self.validation_[h] = self._to_frame(meta, raw, shifts)
-            self.calibration_start_[h] = pd.Timestamp(split)
-            # the mean model again on everything (same bins), with proportionally more rounds
-            rows = _spread_sample(np.arange(len(z)), self.max_train_rows, rng)
-            full = lgb.Dataset(
-                x[rows],
-                z[rows],
-                reference=data,
-                feature_name=list(plan.names),
-                params=self._params("yhat"),
-            )
-            rounds = round(best["yhat"] / (1.0 - self.calibration_fraction))
-            boosters["yhat"], _ = self._train("yhat", full, rounds)
-        self.boosters_[h] = boosters
-        self.shifts_[h] = shifts
+        if not calibrate:
+            return boosters, shifts, None, None
+        raw = self._raw(boosters, x[held])
+        zc = z[held]
+        for target, q in zip(("q10", "q50", "q90"), QUANTILES, strict=True):
+            shifts[target] = float(np.quantile(zc - raw[target], q))
+        meta = pd.DataFrame(
+            {
+                "meter_id": self.stats_.index[rows.ids[held]],
+                "ts": pd.to_datetime(rows.times[held], utc=True),
+            }
+        )
+        validation = self._to_frame(meta, raw, shifts)
+        # the mean model again on everything (same bins), with proportionally more rounds
+        sample = _spread_sample(np.arange(len(z)), self.max_train_rows, rng)
+        full = lgb.Dataset(
+            x[sample],
+            z[sample],
+            reference=data,
+            feature_name=names,
+            params=self._params("yhat"),
+        )
+        rounds = round(best["yhat"] / (1.0 - self.calibration_fraction))
+        boosters["yhat"], _ = self._train("yhat", full, rounds)
+        return boosters, shifts, validation, pd.Timestamp(split, tz="UTC")
 
     # ------------------------------------------------------------------ predict
 
@@ -414,34 +645,90 @@ class GBMForecaster(Forecaster):
         start: pd.Timestamp | None = None,
         end: pd.Timestamp | None = None,
     ) -> pd.DataFrame:
+        """As-of forecasts (see :meth:`Forecaster.predict`); ``horizon`` may be ``day-ahead@HH:MM``.
+
+        A day-ahead horizon forecasts each slot from the data up to its
+        issue time (:mod:`meterops.dayahead`); it must be among ``horizons``.
+        """
         self._check_fitted()
-        h = resolve_horizon(horizon, self.freq_)
-        if h > max(self.steps_):
-            raise ConfigError(
-                f"gbm was fitted for horizons {self.steps_} steps; {h} is longer"
-                " (refit with horizons including it)"
-            )
         df = prepare_frame(frame)
         missing = [c for c in self.covariates_ if c not in df.columns]
         if missing:
             log.warning("gbm: covariate(s) %s missing; treated as unknown (NaN)", missing)
-        g = self.model_horizon(h)
-        known = df["meter_id"].isin(self.stats_.index)
-        parts: list[pd.DataFrame] = []
-        if g is not None and known.any():
-            feats = build_frame(
-                df[known.to_numpy()],
-                self.spec_,
-                g,
-                freq=self.freq_,
-                origin=self.origin_,
-                covariates=self.covariates_,
+        day_ahead = parse_horizon(horizon, self.spec_.timezone)
+        if day_ahead is not None:
+            return self._predict_day_ahead(df, day_ahead, start, end)
+        h = resolve_horizon(horizon, self.freq_)
+        if h > max(self.steps_, default=0):
+            raise ConfigError(
+                f"gbm was fitted for horizons {self.steps_} steps; {h} is longer"
+                " (refit with horizons including it)"
             )
-            feats = window(feats, start, end).reset_index(drop=True)
-            x, _ = self._normalise(feats, g)
-            raw = self._raw(self.boosters_[g], x)
-            parts.append(self._to_frame(feats[["meter_id", "ts"]], raw, self.shifts_[g]))
-        rest = df[~known.to_numpy()] if g is not None else df
+        g = self.model_horizon(h)
+        if g is None:
+            return self._served(
+                df, None, start, end, lambda rest: self.fallback_.predict(rest, h, start, end)
+            )
+        depth = self.plans_[g].max_offset
+        return self._served(
+            df,
+            (g, self.boosters_[g], self.shifts_[g], depth),
+            start,
+            end,
+            lambda rest: self.fallback_.predict(rest, h, start, end),
+        )
+
+    def _predict_day_ahead(
+        self,
+        df: pd.DataFrame,
+        day_ahead: DayAhead,
+        start: pd.Timestamp | None,
+        end: pd.Timestamp | None,
+    ) -> pd.DataFrame:
+        fitted = getattr(self, "day_ahead_", {})
+        if day_ahead.text not in fitted:
+            raise ConfigError(
+                f"gbm was not fitted for {day_ahead.text}; fitted horizons:"
+                f" {[*self.steps_, *fitted]} (refit with horizons including it)"
+            )
+        model = fitted[day_ahead.text]
+
+        def fallback(rest: pd.DataFrame) -> pd.DataFrame:
+            return predict_by_lead(
+                self.fallback_.predict, rest, day_ahead, self.freq_, self.origin_, start, end
+            )
+
+        if model is None:
+            return self._served(df, None, start, end, fallback)
+        lo = df["ts"].min() if start is None else _utc(pd.Series([start])).iloc[0]
+        hi = df["ts"].max() if end is None else _utc(pd.Series([end])).iloc[0]
+        top = int(
+            model.served(np.array([day_ahead.lead_range(lo, hi, self.freq_, self.origin_)[1]]))[0]
+        )
+        depth = self.spec_.plan(self.freq_, top, self.covariates_).max_offset
+        return self._served(df, (model, model.boosters, model.shifts, depth), start, end, fallback)
+
+    def _served(
+        self,
+        df: pd.DataFrame,
+        model: tuple[int | DayAheadModel, dict[str, lgb.Booster], dict[str, float], int] | None,
+        start: pd.Timestamp | None,
+        end: pd.Timestamp | None,
+        fallback: Callable[[pd.DataFrame], pd.DataFrame],
+    ) -> pd.DataFrame:
+        """The boosters' forecasts for known meters, the fallback's for the others."""
+        known = df["meter_id"].isin(self.stats_.index).to_numpy()
+        parts: list[pd.DataFrame] = []
+        if model is not None and known.any():
+            horizon, boosters, shifts, depth = model
+            recent = _recent(df[known], start, self.freq_ * (depth + 1))
+            for feats in self._feature_chunks(recent, horizon, start, end):
+                plan = horizon.plan if isinstance(horizon, DayAheadModel) else self.plans_[horizon]
+                extra = ["lead"] if isinstance(horizon, DayAheadModel) else []
+                x, _ = self._standardise(feats, plan, extra)
+                raw = self._raw(boosters, x)
+                parts.append(self._to_frame(feats[["meter_id", "ts"]], raw, shifts))
+        rest = df[~known] if model is not None else df
         if len(rest):
             others = sorted(rest["meter_id"].unique())
             log.warning(
@@ -450,8 +737,53 @@ class GBMForecaster(Forecaster):
                 self.fallback,
                 ", ".join(others[:10]) + (" ..." if len(others) > 10 else ""),
             )
-            parts.append(self.fallback_.predict(rest, h, start, end))
+            parts.append(fallback(rest))
         if not parts:
             return pd.DataFrame({c: [] for c in FORECAST_COLUMNS})
         out = pd.concat(parts, ignore_index=True)
         return out.sort_values(["meter_id", "ts"], kind="stable").reset_index(drop=True)
+
+    # ------------------------------------------------------------------ stream
+
+    def predict_matrix(
+        self,
+        meter_ids: np.ndarray,
+        features: np.ndarray,
+        horizon: int,
+        names: Sequence[str],
+    ) -> np.ndarray:
+        """Forecasts ``(n, 4)`` = yhat, q10, q50, q90 from raw feature rows (the stream's path).
+
+        ``features`` are rows of :class:`~meterops.features.FeatureState` for
+        the fitted horizon ``horizon`` (columns ``names``, the plan's order).
+        Meters unseen at fit time are standardised by their own longest rolling
+        mean and std (from ``features``), so a new meter gets the global model
+        rather than nothing; a row with no level at all gets NaN.
+        """
+        plan = self.plans_[horizon]
+        if list(names) != list(plan.names):
+            raise ConfigError("feature columns do not match the model's plan")
+        x = np.asarray(features, dtype=np.float64)
+        pos = self.stats_.index.get_indexer(pd.Index(meter_ids))
+        known = pos >= 0
+        loc = np.where(known, self.stats_["loc"].to_numpy(np.float64)[pos], np.nan)
+        scale = np.where(known, self.stats_["scale"].to_numpy(np.float64)[pos], np.nan)
+        if not known.all() and plan.windows:
+            name = max(plan.windows, key=lambda w: w[1])[0]
+            own_loc = x[:, plan.names.index(f"{name}_mean")]
+            own_scale = x[:, plan.names.index(f"{name}_std")]
+            floor = np.maximum(0.01 * np.abs(own_loc), 1e-6)
+            loc = np.where(known, loc, own_loc)
+            scale = np.where(known, scale, np.maximum(np.nan_to_num(own_scale), floor))
+        level = [plan.names.index(c) for c in plan.level_columns]
+        spread = [plan.names.index(c) for c in plan.spread_columns]
+        z = x.astype(np.float32)
+        z[:, level] = ((x[:, level] - loc[:, None]) / scale[:, None]).astype(np.float32)
+        z[:, spread] = (x[:, spread] / scale[:, None]).astype(np.float32)
+        raw = self._raw(self.boosters_[horizon], z)
+        shifts = self.shifts_[horizon]
+        out = np.column_stack([(raw[t] + shifts.get(t, 0.0)) * scale + loc for t in _TARGETS])
+        q = out[:, 1:]
+        ok = ~np.isnan(q).any(axis=1)
+        q[ok] = np.sort(q[ok], axis=1)
+        return out

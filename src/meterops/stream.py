@@ -1,0 +1,363 @@
+"""Stream scoring: the champion forecasts and judges every valid reading a worker stores.
+
+For each micro-batch of valid readings the :class:`ChampionScorer` keeps the
+per-meter feature buffers of the one feature definition
+(:class:`~meterops.features.FeatureState`) and, per reading ``(m, t)``:
+
+* issues a forecast for ``t + h`` for every configured horizon ``h``, with its
+  10/50/90 % quantiles, from data ``<= t`` only (the as-of model of the
+  smallest fitted horizon ``>= h`` serves it, exactly as in a backtest);
+* scores the reading against its own one-step forecast (made from data
+  ``<= t - 1``): ``z = (y - yhat) / sigma`` with ``sigma`` the 80 % interval
+  width over 2.563 (the width of a normal's 80 % interval in sigmas);
+  ``score = 1 - exp(-z^2 / 2)`` (0 on the forecast, 0.39 at one sigma, 0.9997
+  at four: a bounded score that ranks like ``|z|``) and the reading is an
+  anomaly when ``|z| > threshold``.
+
+Every row records the model version that made it and the reading's bus
+position (``source``, ``offset``): lineage. The worker stores the rows in the
+same transaction as the readings; a redelivered batch is scored again but the
+store keeps the first verdict, so each reading is scored exactly once.
+
+Feature buffers are rebuilt from the store: the first time a meter appears,
+its recent readings (as many slots as the deepest feature reads) are loaded
+before the batch is scored. The buffers are therefore always "the last
+readings in the store", whichever worker wrote them, which is what keeps a
+restarted or rebalanced worker's features right without any checkpoint of its
+own. :class:`ChampionWatcher` polls the registry's ``champion`` alias in a
+thread and hands a newly promoted model to the worker, which switches between
+two micro-batches (hot reload, no restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow as pa
+
+from meterops.errors import ConfigError, MeterOpsError
+from meterops.features import FeatureState, resolve_horizon
+from meterops.models.base import Forecaster
+from meterops.models.gbm import GBMForecaster
+from meterops.settings import ScoringSettings, Settings
+from meterops.store.base import Store
+from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
+
+__all__ = ["ChampionScorer", "ChampionWatcher", "LoadedModel"]
+
+log = logging.getLogger("meterops.stream")
+
+Floats = npt.NDArray[np.float64]
+_SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
+_BULK_PRIME = 50  # above this many unseen meters, prime from one range query
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registry model version ready to score (``label`` goes into every row it makes)."""
+
+    version: int
+    label: str
+    model: Forecaster
+
+
+class ChampionScorer:
+    """Forecasts and anomaly scores of one champion model for micro-batches of readings.
+
+    Only the global gradient-boosted family scores in the stream today (it
+    is what ``meterops train`` promotes); other families raise
+    :class:`ConfigError` with the reason, and the worker keeps storing
+    readings unscored.
+    """
+
+    def __init__(self, loaded: LoadedModel, scoring: ScoringSettings) -> None:
+        model = loaded.model
+        if not isinstance(model, GBMForecaster):
+            raise ConfigError(
+                f"champion {loaded.label} is a {type(model).__name__}; the stream scores"
+                " GBMForecaster champions (train one with `meterops train`)"
+            )
+        self.loaded = loaded
+        self.model = model
+        self.threshold = scoring.anomaly_threshold
+        self.freq: pd.Timedelta = model.freq_
+        served: dict[int, int] = {}
+        for text in scoring.horizons:
+            h = resolve_horizon(text, self.freq)
+            g = model.model_horizon(h)
+            if g is None:
+                log.warning(
+                    "champion %s has no model for horizon %s (%d steps; fitted %s): skipped",
+                    loaded.label,
+                    text,
+                    h,
+                    model.steps_,
+                )
+                continue
+            served[h] = g
+        self.served = served
+        self.anomaly_horizon = model.model_horizon(1)
+        depth = max([*served.values(), self.anomaly_horizon or 1])
+        self.state = FeatureState(
+            model.spec_, self.freq, depth, model.covariates_, origin=model.origin_
+        )
+        self._primed: set[str] = set()
+        self._carry: tuple[pd.MultiIndex, Floats] | None = None  # last 1-step forecast per meter
+
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    # ------------------------------------------------------------------ buffers
+
+    def prime(self, store: Store, batch: ReadingBatch) -> int:
+        """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
+        meters = pd.unique(
+            np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
+        )
+        new = [str(m) for m in meters if m not in self._primed]
+        if not new:
+            return 0
+        ts = batch.table.column("ts").to_pandas()
+        start = ts.min() - self.freq * (self.state.length + 1)
+        end = ts.max()
+        if len(new) > _BULK_PRIME:
+            history = store.readings(start=start, end=end)
+            frame = history.to_pandas()
+            frame = frame[frame["meter_id"].isin(new)]
+        else:
+            parts = [store.readings(meter_id=m, start=start, end=end).to_pandas() for m in new]
+            frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if len(frame):
+            self.state.update(frame)
+        self._primed.update(new)
+        return len(frame)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _forecast(self, ids: npt.NDArray[Any], target: pd.Series, g: int) -> Floats:
+        x = self.state.feature_matrix(ids, target, g)
+        return self.model.predict_matrix(ids, x, g, self.state.names(g))
+
+    def score(
+        self,
+        good: ReadingBatch,
+        sources: npt.NDArray[Any],
+        offsets: npt.NDArray[np.int64],
+        now_us: int | None = None,
+    ) -> tuple[pa.Table, pa.Table]:
+        """Predictions (``PREDICTION_SCHEMA``) and scores (``SCORE_SCHEMA``) for ``good``.
+
+        ``sources``/``offsets`` are the readings' bus positions (aligned with
+        ``good``). The batch's readings enter the feature buffers first: a
+        forecast from ``t`` may read ``t`` itself, the one-step forecast
+        judging ``t`` reads ``<= t - 1`` only.
+        """
+        n = len(good)
+        stamp = int(time.time_ns() // 1000) if now_us is None else now_us
+        if n == 0:
+            return PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
+        frame = good.table.to_pandas()
+        self.state.update(frame)
+        ids = frame["meter_id"].astype(str).to_numpy()
+        ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
+        parts: list[pa.Table] = []
+        one_step: tuple[pd.Series, Floats] | None = None
+        for h, g in self.served.items():
+            target = ts + self.freq * h
+            out = self._forecast(ids, target, g)
+            if g == self.anomaly_horizon and h == 1:
+                one_step = (target, out)
+            parts.append(
+                pa.table(
+                    {
+                        "meter_id": pa.array(ids, pa.string()),
+                        "ts": pa.array(ts, TS_TYPE),
+                        "horizon": pa.array(np.full(n, h, np.int32)),
+                        "target_ts": pa.array(target, TS_TYPE),
+                        "yhat": out[:, 0],
+                        "q10": out[:, 1],
+                        "q50": out[:, 2],
+                        "q90": out[:, 3],
+                        "model": pa.array([self.label] * n, pa.string()),
+                        "source": pa.array(sources, pa.string()),
+                        "offset": pa.array(offsets, pa.int64()),
+                        "scored_at": pa.array(np.full(n, stamp, np.int64)),
+                    },
+                    schema=PREDICTION_SCHEMA,
+                )
+            )
+        predictions = pa.concat_tables(parts) if parts else PREDICTION_SCHEMA.empty_table()
+        return predictions, self._scores(frame, ids, ts, sources, offsets, stamp, one_step)
+
+    def _expected(
+        self, ids: npt.NDArray[Any], ts: pd.Series, one_step: tuple[pd.Series, Floats] | None
+    ) -> Floats:
+        """The one-step forecast of every reading, ``(n, 4)``.
+
+        Most were already made: the 1-step forecast issued at ``t - 1`` (same
+        model, same features, so the same numbers) in this batch or kept from
+        the previous one; only the rest go through the model.
+        """
+        n = len(ids)
+        key = pd.MultiIndex.from_arrays([ids, ts.to_numpy()])
+        out = np.full((n, 4), np.nan)
+        missing = np.ones(n, dtype=bool)
+        if one_step is not None:
+            target, made = one_step
+            known = pd.MultiIndex.from_arrays([ids, target.to_numpy()])
+            if self._carry is not None:
+                known = known.append(self._carry[0])
+                made = np.vstack([made, self._carry[1]])
+            pos = known.get_indexer(key) if known.is_unique else _first_positions(known, key)
+            found = pos >= 0
+            out[found] = made[pos[found]]
+            missing = ~found
+            last = ~pd.Series(ids).duplicated(keep="last").to_numpy()
+            self._carry = (known[: len(ids)][last], one_step[1][last])
+        if missing.any() and self.anomaly_horizon is not None:
+            out[missing] = self._forecast(
+                ids[missing], ts[missing].reset_index(drop=True), self.anomaly_horizon
+            )
+        return out
+
+    def _scores(
+        self,
+        frame: pd.DataFrame,
+        ids: npt.NDArray[Any],
+        ts: pd.Series,
+        sources: npt.NDArray[Any],
+        offsets: npt.NDArray[np.int64],
+        stamp: int,
+        one_step: tuple[pd.Series, Floats] | None,
+    ) -> pa.Table:
+        n = len(frame)
+        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
+        out = self._expected(ids, ts, one_step)
+        expected = out[:, 0]
+        sigma = (out[:, 3] - out[:, 1]) / _SIGMAS_80
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(y - expected) / sigma
+        ok = np.isfinite(z) & (sigma > 0)
+        score = np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)
+        flag = ok & (z > self.threshold)
+        return pa.table(
+            {
+                "meter_id": pa.array(ids, pa.string()),
+                "ts": pa.array(ts, TS_TYPE),
+                "value": y,
+                "expected": expected,
+                "score": score,
+                "is_anomaly": flag,
+                "model": pa.array([self.label] * n, pa.string()),
+                "source": pa.array(sources, pa.string()),
+                "offset": pa.array(offsets, pa.int64()),
+                "scored_at": pa.array(np.full(n, stamp, np.int64)),
+            },
+            schema=SCORE_SCHEMA,
+        )
+
+
+def _first_positions(known: pd.MultiIndex, key: pd.MultiIndex) -> npt.NDArray[np.int64]:
+    """``known.get_indexer(key)`` when ``known`` has repeats: the first occurrence wins."""
+    first = ~known.duplicated(keep="first")
+    positions = np.flatnonzero(first)
+    pos = known[first].get_indexer(key)
+    return np.where(pos >= 0, positions[np.maximum(pos, 0)], -1)
+
+
+class ChampionWatcher:
+    """Follows the registry's ``champion`` alias from a thread; the worker picks changes up.
+
+    :meth:`start` does the first lookup synchronously (so a worker never
+    scores its first batches with no model when a champion exists), then a
+    daemon thread checks every ``reload_every`` seconds and loads a new
+    version in the background. :meth:`take` returns a newly loaded model
+    once (or None). Registry errors are logged and retried, never fatal.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.every = settings.scoring.reload_every
+        self._lock = threading.Lock()
+        self._pending: LoadedModel | None = None
+        self._version: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._registry: Any = None
+
+    def _open(self) -> Any:
+        if self._registry is None:
+            from meterops.registry import Registry
+
+            self._registry = Registry.from_settings(self.settings).open()
+        return self._registry
+
+    def _exists(self) -> bool:
+        """False while a local registry has no database yet (no champion, nothing to import)."""
+        from meterops.registry import tracking_uri_for
+
+        uri, _ = tracking_uri_for(self.settings)
+        return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+
+    def check(self) -> LoadedModel | None:
+        """Look the alias up now; load and queue a version different from the last one."""
+        if self._registry is None and not self._exists():
+            return None
+        registry = self._open()
+        version = registry.champion()
+        if version is None or version == self._version:
+            return None
+        model = registry.load(version)
+        loaded = LoadedModel(version, f"{registry.model_name}/{version}", model)
+        with self._lock:
+            self._pending = loaded
+            self._version = version
+        log.info("champion is now %s", loaded.label)
+        return loaded
+
+    def start(self) -> None:
+        try:
+            self.check()
+        except (MeterOpsError, OSError) as exc:
+            log.warning("cannot read the champion yet (%s); retrying in the background", exc)
+        self._thread = threading.Thread(target=self._loop, name="champion-watcher", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.check()
+            except Exception as exc:  # the watcher must outlive any registry error
+                log.warning("champion check failed: %s", exc, exc_info=True)
+
+    def take(self) -> LoadedModel | None:
+        with self._lock:
+            loaded, self._pending = self._pending, None
+        return loaded
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+
+def positions(sources: Sequence[str], offsets: npt.NDArray[np.int64]) -> dict[str, int]:
+    """Next offset per source covered by rows at ``offsets`` (for checkpoints)."""
+    out: dict[str, int] = {}
+    for s, o in zip(sources, offsets.tolist(), strict=True):
+        out[s] = max(out.get(s, 0), int(o) + 1)
+    return out
