@@ -532,3 +532,30 @@ def meter_tallies(predictions: pa.Table, scores: pa.Table) -> list[list[Any]]:
     sums = both.group_by("meter_id", use_threads=False).aggregate([("p", "sum"), ("a", "sum")])
     sums = by_key(sums, ["meter_id"])
     return [sums.column(name).to_pylist() for name in ("meter_id", "p_sum", "a_sum")]
+
+
+def range_filter(
+    param: str,
+    meter_id: str | None = None,
+    start: pd.Timestamp | None = None,
+    end: pd.Timestamp | None = None,
+) -> tuple[list[str], list[Any]]:
+    """WHERE clauses (joined with AND by the caller) and arguments for a meter / time range.
+
+    ``param`` is the driver's placeholder (``?`` or ``%s``); ``end`` is exclusive.
+
+    >>> range_filter("?", "m1", end=pd.Timestamp("2024-01-01", tz="UTC"))
+    (['1=1', 'meter_id = ?', 'ts < ?'], ['m1', 1704067200000000])
+    """
+    where: list[str] = ["1=1"]
+    args: list[Any] = []
+    if meter_id is not None:
+        where.append(f"meter_id = {param}")
+        args.append(meter_id)
+    if start is not None:
+        where.append(f"ts >= {param}")
+        args.append(int(pd.Timestamp(start).value // 1000))
+    if end is not None:
+        where.append(f"ts < {param}")
+        args.append(int(pd.Timestamp(end).value // 1000))
+    return where, args

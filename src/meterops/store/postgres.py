@@ -80,6 +80,7 @@ from meterops.store._sql import (
     migrations,
     now_us,
     prediction_rows,
+    range_filter,
     score_rows,
     span_table,
     statements,
@@ -792,17 +793,7 @@ class PostgresStore(Store):
         start: pd.Timestamp | None = None,
         end: pd.Timestamp | None = None,
     ) -> ReadingBatch:
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        if meter_id is not None:
-            where.append("meter_id = %s")
-            args.append(meter_id)
-        if start is not None:
-            where.append("ts >= %s")
-            args.append(int(pd.Timestamp(start).value // 1000))
-        if end is not None:
-            where.append("ts < %s")
-            args.append(int(pd.Timestamp(end).value // 1000))
+        where, args = range_filter("%s", meter_id, start, end)
         return self._select(" AND ".join(where), args)
 
     def _select(self, where: str, args: Sequence[Any]) -> ReadingBatch:
@@ -920,23 +911,6 @@ class PostgresStore(Store):
             )
 
     # -- scored ------------------------------------------------------------
-    @staticmethod
-    def _range(
-        meter_id: str | None, start: pd.Timestamp | None, end: pd.Timestamp | None
-    ) -> tuple[list[str], list[Any]]:
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        if meter_id is not None:
-            where.append("meter_id = %s")
-            args.append(meter_id)
-        if start is not None:
-            where.append("ts >= %s")
-            args.append(int(pd.Timestamp(start).value // 1000))
-        if end is not None:
-            where.append("ts < %s")
-            args.append(int(pd.Timestamp(end).value // 1000))
-        return where, args
-
     def predictions(
         self,
         meter_id: str | None = None,
@@ -944,7 +918,7 @@ class PostgresStore(Store):
         end: pd.Timestamp | None = None,
         horizon: int | None = None,
     ) -> pd.DataFrame:
-        where, args = self._range(meter_id, start, end)
+        where, args = range_filter("%s", meter_id, start, end)
         if horizon is not None:
             where.append("horizon = %s")
             args.append(int(horizon))
@@ -967,7 +941,7 @@ class PostgresStore(Store):
         end: pd.Timestamp | None = None,
         anomalies_only: bool = False,
     ) -> pd.DataFrame:
-        where, args = self._range(meter_id, start, end)
+        where, args = range_filter("%s", meter_id, start, end)
         if anomalies_only:
             where.append("is_anomaly = 1")
         clauses = " AND ".join(where)  # fixed clauses; values are bound parameters

@@ -53,6 +53,7 @@ from meterops.store._sql import (
     migrations,
     now_us,
     prediction_rows,
+    range_filter,
     score_rows,
     span_table,
     statements,
@@ -513,17 +514,7 @@ class SQLiteStore(Store):
         start: pd.Timestamp | None = None,
         end: pd.Timestamp | None = None,
     ) -> ReadingBatch:
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        if meter_id is not None:
-            where.append("meter_id = ?")
-            args.append(meter_id)
-        if start is not None:
-            where.append("ts >= ?")
-            args.append(int(pd.Timestamp(start).value // 1000))
-        if end is not None:
-            where.append("ts < ?")
-            args.append(int(pd.Timestamp(end).value // 1000))
+        where, args = range_filter("?", meter_id, start, end)
         return self._select(" AND ".join(where), args)
 
     def _select(self, where: str, args: Sequence[Any]) -> ReadingBatch:
@@ -626,23 +617,6 @@ class SQLiteStore(Store):
             raise
 
     # -- scored ------------------------------------------------------------
-    @staticmethod
-    def _range(
-        meter_id: str | None, start: pd.Timestamp | None, end: pd.Timestamp | None
-    ) -> tuple[list[str], list[Any]]:
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        if meter_id is not None:
-            where.append("meter_id = ?")
-            args.append(meter_id)
-        if start is not None:
-            where.append("ts >= ?")
-            args.append(int(pd.Timestamp(start).value // 1000))
-        if end is not None:
-            where.append("ts < ?")
-            args.append(int(pd.Timestamp(end).value // 1000))
-        return where, args
-
     def predictions(
         self,
         meter_id: str | None = None,
@@ -650,7 +624,7 @@ class SQLiteStore(Store):
         end: pd.Timestamp | None = None,
         horizon: int | None = None,
     ) -> pd.DataFrame:
-        where, args = self._range(meter_id, start, end)
+        where, args = range_filter("?", meter_id, start, end)
         if horizon is not None:
             where.append("horizon = ?")
             args.append(int(horizon))
@@ -673,7 +647,7 @@ class SQLiteStore(Store):
         end: pd.Timestamp | None = None,
         anomalies_only: bool = False,
     ) -> pd.DataFrame:
-        where, args = self._range(meter_id, start, end)
+        where, args = range_filter("?", meter_id, start, end)
         if anomalies_only:
             where.append("is_anomaly = 1")
         clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
