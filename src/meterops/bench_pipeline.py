@@ -300,4 +300,3 @@ def bench_pipeline(
     out["river_rmse"] = river.rmse
     out["online_rmse"] = ours.rmse
     return out
-
