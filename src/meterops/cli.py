@@ -455,10 +455,13 @@ def _print_status(info: dict[str, Any]) -> None:
     out.print(
         f"readings {info['readings']:,} from {info['meters']:,} meters (last {info['last_ts']}); "
         f"published {info['published']:,}; lag {info['lag']:,}; "
-        f"dead letters {info['deadletters']:,}"
+        f"dead letters {info['deadletters']:,}; predictions {info.get('predictions', 0):,}; "
+        f"anomalies {info.get('anomalies', 0):,}"
     )
     for reason, count in sorted(info["deadletters_by_reason"].items(), key=lambda kv: -kv[1]):
         out.print(f"  {count:>8,}  {reason}")
+    for member, parts in sorted(info.get("workers", {}).items()):
+        out.print(f"  worker {member}: {', '.join(parts) or 'no partitions'}")
 
 
 @deadletters_app.command("list")
