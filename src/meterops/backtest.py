@@ -11,6 +11,15 @@ Two ways to cut the data:
 * ``test_start=TS``: one fold, training on everything before ``TS`` and
   forecasting every later slot the same way.
 
+The horizon is a number of steps, a duration, or a day-ahead horizon
+``day-ahead@HH:MM`` (:mod:`meterops.dayahead`): every slot ``t`` is then
+forecast from the data up to the cutoff ``HH:MM`` (local time of the feature
+time zone) of the day before ``t``'s local day, so the lead varies per slot
+(14 .. 37 steps for hourly data and a 10:00 cutoff). The baselines serve each
+lead with their own as-of rule (``predict`` with that lead); the GBM has one
+model for all leads (see :mod:`meterops.models.gbm`). ``horizon_steps`` is
+then the longest lead and ``day_ahead`` gives the cutoff and the lead range.
+
 ``selected`` is the model meterops itself would serve, chosen per fold from
 the training data only: the candidates are compared by RMSE on the last part
 of the training period (the GBM's calibration hold-out, whose boosters never
@@ -40,13 +49,15 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from meterops.dayahead import DayAhead, parse_horizon, predict_by_lead
 from meterops.errors import ConfigError, InputError
 from meterops.features import FeatureSpec, _utc, regularize, resolve_horizon
-from meterops.models import MODEL_NAMES, create
+from meterops.models import MODEL_NAMES, Forecaster, create
 from meterops.models.base import prepare_frame
+from meterops.models.baselines import NaiveForecaster
 from meterops.models.gbm import GBMForecaster
 
-__all__ = ["DEFAULT_MODELS", "PREDICTION_COLUMNS", "metrics", "run_backtest"]
+__all__ = ["DEFAULT_MODELS", "PREDICTION_COLUMNS", "metrics", "predict_as_of", "run_backtest"]
 
 log = logging.getLogger("meterops.backtest")
 
@@ -130,30 +141,85 @@ def _folds(
     return [(s, s + fold_len if i < folds - 1 else end) for i, s in enumerate(starts)]
 
 
+Horizon = int | DayAhead
+
+
+def predict_as_of(
+    model: Forecaster,
+    frame: pd.DataFrame,
+    horizon: Horizon,
+    start: pd.Timestamp | None = None,
+    end: pd.Timestamp | None = None,
+    longest: int | None = None,
+) -> pd.DataFrame:
+    """``model.predict`` for a horizon in steps or a day-ahead horizon (any model).
+
+    Day-ahead: the GBM serves it natively, a baseline serves each lead by
+    its own rule (:func:`~meterops.dayahead.predict_by_lead`); any other
+    model serves every slot with its horizon ``longest`` (the longest lead:
+    older data than the cutoff allows, never newer).
+    """
+    if not isinstance(horizon, DayAhead):
+        return model.predict(frame, horizon, start=start, end=end)
+    if isinstance(model, GBMForecaster):
+        return model.predict(frame, horizon.text, start=start, end=end)
+    fitted: Any = model
+    if isinstance(model, NaiveForecaster) or longest is None:
+        return predict_by_lead(
+            model.predict, frame, horizon, fitted.freq_, fitted.origin_, start, end
+        )
+    return model.predict(frame, longest, start=start, end=end)
+
+
+def _model_params(
+    name: str, horizon: Horizon, longest: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    """``create`` keywords of model ``name`` for ``horizon`` (``longest``: its longest lead)."""
+    if isinstance(horizon, DayAhead):
+        fitted: int | str = horizon.text if name == "gbm" else longest
+    else:
+        fitted = horizon
+    return {**params, "horizons": (fitted,)}
+
+
+def _validation(gbm: GBMForecaster, horizon: Horizon) -> tuple[pd.DataFrame, pd.Timestamp] | None:
+    """The GBM's hold-out predictions of ``horizon`` and where its hold-out starts."""
+    if isinstance(horizon, DayAhead):
+        model = getattr(gbm, "day_ahead_", {}).get(horizon.text)
+        if model is None or model.validation is None or model.calibration_start is None:
+            return None
+        return model.validation, model.calibration_start
+    if horizon not in gbm.validation_:
+        return None
+    return gbm.validation_[horizon], gbm.calibration_start_[horizon]
+
+
 def _selection(
     train: pd.DataFrame,
     fitted: dict[str, Any],
-    h: int,
+    h: Horizon,
+    longest: int,
     params: dict[str, Any],
 ) -> tuple[str, dict[str, float]]:
     """The candidate with the lowest RMSE on the last part of the training period."""
     gbm = fitted.get("gbm")
-    val_start: pd.Timestamp | None = None
-    if isinstance(gbm, GBMForecaster) and h in gbm.validation_:
-        val_start = gbm.calibration_start_[h]
-    if val_start is None:
+    held = _validation(gbm, h) if isinstance(gbm, GBMForecaster) else None
+    if held is not None:
+        val_start = held[1]
+    else:
         lo, hi = train["ts"].min(), train["ts"].max()
         val_start = lo + (hi - lo) * 0.8
     val_preds: dict[str, pd.DataFrame] = {}
     early = train[train["ts"] <= val_start]
     for name, model in fitted.items():
         if isinstance(model, GBMForecaster):
-            pred = model.validation_.get(h)
-            if pred is None:
+            if held is None:
                 continue
+            pred = held[0]
         else:
             try:
-                pred = create(name, **params).fit(early).predict(train, h, start=val_start)
+                model = create(name, **_model_params(name, h, longest, params)).fit(early)
+                pred = predict_as_of(model, train, h, start=val_start, longest=longest)
             except InputError:
                 continue
         val_preds[name] = pred
@@ -209,8 +275,16 @@ def run_backtest(
     freq = spec.resolve_freq(df)
     if spec.freq is None:
         spec = replace(spec, freq=f"{int(freq.total_seconds())}s")
-    h = resolve_horizon(horizon, freq)
     ts_min, ts_max = df["ts"].min(), df["ts"].max()
+    day_ahead = parse_horizon(horizon, spec.timezone)
+    served: Horizon
+    if day_ahead is None:
+        h = resolve_horizon(horizon, freq)
+        served = h
+    else:
+        leads = day_ahead.lead_range(ts_min, ts_max, freq, ts_min)
+        h = leads[1]  # the longest lead sizes the folds and the history check
+        served = day_ahead
     if test_start is not None:
         start = _utc(pd.Series([pd.Timestamp(test_start)])).iloc[0]
         if not ts_min < start <= ts_max:
@@ -218,7 +292,7 @@ def run_backtest(
         cuts = [(start, ts_max + freq)]
     else:
         cuts = _folds(ts_min, ts_max, freq, folds, test_fraction, h)
-    params: dict[str, Any] = {"horizons": (h,), "features": spec, "seed": seed}
+    params: dict[str, Any] = {"features": spec, "seed": seed}
     truth = regularize(df, freq, ts_min, ())[["meter_id", "ts", "value"]]
 
     fold_info: list[dict[str, Any]] = []
@@ -239,14 +313,14 @@ def run_backtest(
         for name in names:
             started = time.perf_counter()
             extra = (gbm_params or {}) if name == "gbm" else {}
-            model = create(name, **params, **extra).fit(train)
-            pred = model.predict(upto, h, start=origin, end=end)
+            model = create(name, **_model_params(name, served, h, params), **extra).fit(train)
+            pred = predict_as_of(model, upto, served, start=origin, end=end, longest=h)
             timings[name] = round(time.perf_counter() - started, 3)
             fitted[name] = model
             fold_preds[name] = pred.assign(model=name, fold=i)
             all_preds.append(fold_preds[name])
             log.info("fold %d: %s done in %.1fs", i, name, timings[name])
-        chosen, scores = _selection(train, fitted, h, {"features": spec, "seed": seed})
+        chosen, scores = _selection(train, fitted, served, h, params)
         all_preds.append(fold_preds[chosen].assign(model="selected"))
         info.update(selected=chosen, validation_rmse=scores, seconds=timings)
         fold_info.append(info)
@@ -280,6 +354,12 @@ def run_backtest(
         "models": result_models,
         "per_fold": per_fold,
     }
+    if day_ahead is not None:
+        document["day_ahead"] = {
+            "cutoff": day_ahead.cutoff.strftime("%H:%M"),
+            "timezone": day_ahead.timezone,
+            "lead_steps": list(leads),
+        }
     out = preds[["meter_id", "ts", "model", "yhat", "q10", "q90"]].copy()
     return document, out.reset_index(drop=True)
 

@@ -1,4 +1,5 @@
-"""Model commands of the ``meterops`` CLI: ``backtest``, ``detect``, ``train``, ``models``.
+"""Model commands of the ``meterops`` CLI: ``backtest``, ``detect``, ``train``, ``events``,
+``cluster``, ``models``.
 
 :func:`register` adds the commands to the main Typer app (called by
 ``meterops.cli``). Results go to stdout (one JSON document with
@@ -33,6 +34,7 @@ from meterops.errors import ConfigError, InputError
 
 __all__ = [
     "backtest",
+    "cluster",
     "detect",
     "events",
     "models_app",
@@ -52,7 +54,13 @@ def _split(text: str | None) -> tuple[str, ...]:
 def backtest(
     data: Annotated[Path, typer.Argument(help="CSV, CSV.gz or Parquet file of readings.")],
     horizon: Annotated[
-        str, typer.Option("--horizon", "-H", help="Steps (1) or a duration (30min, 24h, 1d).")
+        str,
+        typer.Option(
+            "--horizon",
+            "-H",
+            help="Steps (1), a duration (30min, 24h, 1d) or day-ahead@HH:MM: every day at"
+            " HH:MM (--timezone), forecast each slot of the next local day.",
+        ),
     ] = "1",
     test_start: Annotated[
         str | None,
@@ -93,10 +101,15 @@ def backtest(
 
     Every model is trained before each fold's origin and forecasts each point t
     of the fold from data up to t - H only; `selected` is the model meterops
-    would serve, chosen on training data only.
+    would serve, chosen on training data only. With `--horizon day-ahead@10:00`
+    each point of a local day is forecast from the data up to 10:00 (local
+    time of --timezone) of the day before, as a day-ahead market bid would be.
 
     Example: meterops backtest data.csv.gz --meter-id uci --timezone Europe/Paris
     --horizon 24h --format json --predictions preds.csv
+
+    Example: meterops backtest data.csv.gz --meter-id uci --timezone Europe/Paris
+    --horizon day-ahead@10:00 --format json
     """
     import pandas as pd
 
@@ -170,9 +183,15 @@ def _jsonable(value: Any) -> Any:
 
 def _table(document: dict[str, Any]) -> str:
     cols = ("rmse", "mae", "smape", "mape", "pinball", "coverage_80")
+    day_ahead = document.get("day_ahead")
+    steps = (
+        f"leads {day_ahead['lead_steps'][0]}..{day_ahead['lead_steps'][1]} steps"
+        if day_ahead
+        else f"{document['horizon_steps']} steps"
+    )
     lines = [
-        f"horizon {document['horizon']} ({document['horizon_steps']} steps of"
-        f" {document['freq']}), {len(document['folds'])} fold(s), {document['meters']} meter(s)"
+        f"horizon {document['horizon']} ({steps} of {document['freq']}),"
+        f" {len(document['folds'])} fold(s), {document['meters']} meter(s)"
     ]
     for f in document["folds"]:
         lines.append(
@@ -224,7 +243,8 @@ def detect(
     order; `score` is in [0, 1] and `is_anomaly` is 1 when score >= threshold,
     else 0. `--format json` prints a summary object instead. A `label` column
     ("" normal, else the kind) is never used for detection; when present,
-    precision, recall, F1 and recall per kind go to stderr (and into the JSON).
+    precision, recall, F1, PR-AUC (average precision of the scores) and recall
+    and PR-AUC per kind go to stderr (and into the JSON).
 
     Example: meterops detect fleet.csv --format csv > scores.csv
     """
@@ -252,7 +272,7 @@ def detect(
         "by_kind": {str(k): int(v) for k, v in scored.loc[flags, "kind"].value_counts().items()},
     }
     if labels is not None:
-        report = detection_report(labels, flags)
+        report = detection_report(labels, flags, scored["score"].to_numpy())
         document["evaluation"] = report
         print(_report_text(report), file=sys.stderr)
     if fmt == "json":
@@ -360,14 +380,18 @@ def _labels(path: Path, rows: int) -> Any:
 
 
 def _report_text(report: dict[str, Any]) -> str:
+    pr_auc = report.get("pr_auc")
+    auc_text = "" if pr_auc is None else f" pr_auc={pr_auc:.4f}"
     lines = [
         f"evaluation against label: precision={report['precision']:.4f}"
-        f" recall={report['recall']:.4f} f1={report['f1']:.4f}"
+        f" recall={report['recall']:.4f} f1={report['f1']:.4f}{auc_text}"
         f" (labelled={report['labelled']} flagged={report['flagged']} tp={report['tp']}"
         f" fp={report['fp']} fn={report['fn']})"
     ]
     for kind, m in report["per_kind"].items():
-        lines.append(f"  recall {kind:<12} {m['recall']:.4f}  (n={m['n']})")
+        kind_auc = m.get("pr_auc")
+        extra = "" if kind_auc is None else f"  pr_auc {kind_auc:.4f}"
+        lines.append(f"  recall {kind:<12} {m['recall']:.4f}{extra}  (n={m['n']})")
     return "\n".join(lines)
 
 
@@ -690,6 +714,140 @@ def _events_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cluster(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="CSV, CSV.gz or Parquet file (default: the readings in the store, and the"
+            " result is saved per meter)."
+        ),
+    ] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("--k", help="Number of clusters (default: best silhouette in --k-range)."),
+    ] = None,
+    k_range: Annotated[
+        str, typer.Option("--k-range", help="LOW,HIGH: the numbers of clusters to try.")
+    ] = "2,8",
+    save: Annotated[
+        bool,
+        typer.Option("--save/--no-save", help="Store each meter's cluster (store readings only)."),
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Random seed of KMeans.")] = 0,
+    fmt: FormatOpt = "table",
+    config: ConfigOpt = None,
+    meter_col: MeterCol = "meter_id",
+    ts_col: TsCol = "ts",
+    value_col: ValueCol = "value",
+    meter_id: MeterId = None,
+    timezone: Tz = None,
+) -> None:
+    """Group meters by their normalised daily load profile (KMeans) and store the clusters.
+
+    Each meter becomes its mean reading per local hour of the day divided by its
+    overall mean (scale-free: a big and a small office look alike); KMeans groups
+    the shapes, the number of clusters chosen by the best silhouette unless --k
+    is given. From the store (no DATA), each meter's cluster is saved and shown
+    by the store's meter list (`cluster` column; -1 = not enough data for a
+    full daily profile). With DATA the result is printed only.
+
+    Example: meterops cluster --format json
+
+    Example: meterops cluster fleet.csv --k 4 --timezone Europe/Paris
+    """
+    import numpy as np
+
+    from meterops.models.clustering import fit_clusters
+    from meterops.settings import load_settings
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json; got {fmt!r}")
+    try:
+        low, high = (int(p) for p in k_range.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--k-range must be LOW,HIGH (e.g. 2,8); got {k_range!r}") from exc
+    settings = load_settings(config)
+    tz = timezone or settings.source.timezone
+    _log_to_stderr()
+    saved = False
+    if data is not None:
+        file_format = _file_format(meter_col, ts_col, value_col, meter_id, tz, None, None)
+        frame, _ = _read_readings(data, file_format, with_labels=False)
+        result = fit_clusters(frame, k=k, k_range=(low, high), timezone=tz, seed=seed)
+        source = str(data)
+    else:
+        from meterops.pipeline import Pipeline
+        from meterops.types import REJECT
+
+        with Pipeline(settings) as pipeline:
+            frame = pipeline.store.readings().table.to_pandas()
+            if REJECT in frame.columns:
+                frame = frame[frame[REJECT].isna()]
+            print(
+                f"read {len(frame)} readings of {frame['meter_id'].nunique()} meter(s)"
+                " from the store",
+                file=sys.stderr,
+            )
+            if frame.empty:
+                raise InputError("no readings in the store to cluster (ingest some first)")
+            result = fit_clusters(frame, k=k, k_range=(low, high), timezone=tz, seed=seed)
+            if save:
+                pipeline.store.set_clusters(_assignments(result.labels))
+                saved = True
+        source = "store"
+    sizes = result.sizes()
+    document: dict[str, Any] = {
+        "source": source,
+        "meters": len(result.labels),
+        "clustered": int((result.labels >= 0).sum()),
+        "k": result.k,
+        "silhouette": result.silhouette,
+        "timezone": tz,
+        "saved": saved,
+        "clusters": [
+            {
+                "cluster": c,
+                "meters": sizes.get(c, 0),
+                "peak_hour": int(np.argmax(shape)) * 24 // len(shape),
+                "profile": [round(float(v), 4) for v in shape],
+            }
+            for c, shape in zip(
+                result.profiles.index.to_numpy(np.int64).tolist(),
+                result.profiles.to_numpy(np.float64),
+                strict=True,
+            )
+        ],
+        "assignments": _assignments(result.labels),
+    }
+    if fmt == "json":
+        print(json.dumps(document, indent=2, default=_jsonable))
+        return
+    quality = "-" if result.silhouette is None else f"{result.silhouette:.3f}"
+    lines = [
+        f"{document['clustered']} of {document['meters']} meter(s) in {result.k} cluster(s)"
+        f" (silhouette {quality}, local time {tz})" + ("; saved to the store" if saved else "")
+    ]
+    lines.append(f"{'cluster':>7}  {'meters':>6}  {'peak':>5}  examples")
+    for item in document["clusters"]:
+        members = [m for m, c in document["assignments"].items() if c == item["cluster"]]
+        shown = ", ".join(members[:4]) + (" ..." if len(members) > 4 else "")
+        lines.append(f"{item['cluster']:>7}  {item['meters']:>6}  {item['peak_hour']:>4}h  {shown}")
+    if sizes.get(-1):
+        lines.append(f"{-1:>7}  {sizes[-1]:>6}  {'-':>5}  (no full daily profile yet)")
+    print("\n".join(lines))
+
+
+def _assignments(labels: Any) -> dict[str, int]:
+    """``meter_id -> cluster`` as plain Python types (for the store and JSON)."""
+    return dict(
+        zip(
+            [str(m) for m in labels.index],
+            labels.to_numpy().astype(int).tolist(),
+            strict=True,
+        )
+    )
+
+
 models_app = typer.Typer(
     help="The model registry: list, promote, roll back, audit.\n\nExample: meterops models list",
     no_args_is_help=True,
@@ -778,9 +936,11 @@ def models_audit(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the model commands (``backtest``, ``detect``, ``train``, ``events``, ``models``)."""
+    """Add the model commands (``backtest``, ``detect``, ``train``, ``events``, ``cluster``,
+    ``models``)."""
     app.command("backtest")(backtest)
     app.command("detect")(detect)
     app.command("train")(train)
     app.command("events")(events)
+    app.command("cluster")(cluster)
     app.add_typer(models_app, name="models")

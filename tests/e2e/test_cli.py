@@ -134,3 +134,23 @@ def test_config_flag_before_or_after_the_command(workdir: Path, cli: Run, tmp_pa
     assert before == after
     bad = cli("status", "--config", str(tmp_path / "nope.toml"), check=False)
     assert bad.returncode == 2 and "meterops init" in bad.stderr
+
+
+def test_cluster_stores_a_cluster_per_meter(workdir: Path, cli: Run) -> None:
+    from meterops.pipeline import Pipeline
+    from meterops.settings import load_settings
+
+    cli("simulate", "--meters", "12", "--days", "14", "--seed", "4", "--out", "fleet.csv")
+    cli("ingest", "fleet.csv")
+    doc = json.loads(cli("cluster", "--format", "json").stdout)
+    assert doc["source"] == "store" and doc["saved"] is True
+    assert doc["meters"] == doc["clustered"] == 12 and doc["k"] >= 2
+    with Pipeline(load_settings(workdir / "meterops.toml")) as pipe:
+        meters = pipe.store.meters()
+    assert len(meters) == 12 and meters["cluster"].notna().all()
+    stored = dict(zip(meters["meter_id"], meters["cluster"].astype(int), strict=True))
+    assert stored == doc["assignments"]
+    # again with a given k: the stored clusters follow the latest run
+    cli("cluster", "--k", "2")
+    with Pipeline(load_settings(workdir / "meterops.toml")) as pipe:
+        assert set(pipe.store.meters()["cluster"].astype(int)) == {0, 1}

@@ -10,7 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from meterops.cli import app
-from meterops.models.anomaly import ANOMALY_COLUMNS, AnomalyDetector, detection_report
+from meterops.errors import InputError
+from meterops.models.anomaly import (
+    ANOMALY_COLUMNS,
+    AnomalyDetector,
+    average_precision,
+    detection_report,
+)
 from meterops.sources.simulator import FleetSpec, simulate
 
 
@@ -153,11 +159,54 @@ def test_cli_detect_prints_every_reading(tmp_path: Path) -> None:
     assert len(lines) == len(frame) + 1
     assert lines[61].endswith(",1")
     assert "recall spike" in result.stderr
+    # the one spike has the highest score of the file: a perfect ranking
+    assert "pr_auc=1.0000" in result.stderr and "pr_auc 1.0000" in result.stderr
 
 
 @pytest.mark.slow
 def test_simulated_fleet_f1() -> None:
     sim = simulate(FleetSpec(meters=12, periods=24 * 56, seed=11))
     out = AnomalyDetector().fit_score(sim.readings.drop(columns="label"))
-    report = detection_report(sim.readings["label"], out["is_anomaly"])
+    report = detection_report(sim.readings["label"], out["is_anomaly"], out["score"])
     assert report["f1"] >= 0.8, report
+    assert report["pr_auc"] >= 0.95, report  # 0.987 when measured
+    assert all(m["pr_auc"] >= 0.9 for m in report["per_kind"].values()), report
+
+
+def test_average_precision_known_values() -> None:
+    # ranks: + - + -  -> precision 1 at recall 1/2, 2/3 at recall 1
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(5 / 6)
+    assert average_precision([1, 1, 0, 0], [0.9, 0.8, 0.7, 0.1]) == 1.0
+    assert average_precision([0, 0, 1, 1], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(
+        (1 / 3 + 2 / 4) / 2
+    )
+    # ties enter together: all four at one score -> precision 1/2 at recall 1
+    assert average_precision([1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert average_precision([0, 0], [0.1, 0.2]) is None  # no positives: undefined
+    assert average_precision([1, 0], [np.nan, 0.2]) == 0.5  # NaN ranks last
+
+
+def test_average_precision_matches_scikit_learn() -> None:
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(3)
+    truth = rng.random(2000) < 0.1
+    scores = np.round(rng.random(2000) + truth * 0.3, 2)  # many ties
+    expected = average_precision_score(truth, scores)
+    assert average_precision(truth, scores) == pytest.approx(expected, abs=1e-12)
+
+
+def test_detection_report_pr_auc_overall_and_per_kind() -> None:
+    labels = ["", "spike", "", "stuck", "", "stuck"]
+    flags = [False, True, False, False, False, True]
+    scores = [0.1, 0.9, 0.4, 0.3, 0.2, 0.8]
+    report = detection_report(labels, flags, scores)
+    # overall ranking: spike .9 +, stuck .8 +, .4 -, stuck .3 +, .2 -, .1 -
+    assert report["pr_auc"] == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert report["base_rate"] == pytest.approx(0.5)
+    # per kind, against the normal readings only: stuck .8 +, .4 -, .3 +
+    assert report["per_kind"]["stuck"] == {"n": 2, "recall": 0.5, "pr_auc": pytest.approx(5 / 6)}
+    assert report["per_kind"]["spike"]["pr_auc"] == 1.0
+    assert "pr_auc" not in detection_report(labels, flags)  # no scores, no PR-AUC
+    with pytest.raises(InputError, match="scores"):
+        detection_report(labels, flags, scores[:-1])

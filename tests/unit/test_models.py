@@ -131,3 +131,82 @@ def test_gbm_rejects_unfitted_horizon() -> None:
     model = GBMForecaster(horizons=(2,), **FAST_GBM).fit(_fleet())
     with pytest.raises(ConfigError, match="fitted for horizons"):
         model.predict(_fleet(), 5)
+
+
+def test_gbm_features_in_chunks_and_trimmed_history_give_the_same_forecasts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory savers (meter chunks, history trimmed to what features read) change no number."""
+    import meterops.models.gbm as gbm_module
+
+    frame = _fleet(meters=4, days=21)
+    start = frame["ts"].max() - pd.Timedelta("3d")
+    train = frame[frame["ts"] < start]
+    whole = GBMForecaster(horizons=(1, 24), **FAST_GBM).fit(train)
+    expected = {h: whole.predict(frame, h, start=start) for h in (1, 24)}
+    monkeypatch.setattr(gbm_module, "_CHUNK_ROWS", 300)  # ~1 meter per chunk
+    chunked = GBMForecaster(horizons=(1, 24), **FAST_GBM).fit(train)
+    assert chunked.shifts_ == whole.shifts_
+    for h in (1, 24):
+        pd.testing.assert_frame_equal(chunked.predict(frame, h, start=start), expected[h])
+        pd.testing.assert_frame_equal(chunked.validation_[h], whole.validation_[h])
+    # without trimming the history before ``start``: the same numbers
+    monkeypatch.setattr(gbm_module, "_recent", lambda df, start, depth: df)
+    pd.testing.assert_frame_equal(chunked.predict(frame, 24, start=start), expected[24])
+
+
+def test_meter_chunks_keep_meters_whole() -> None:
+    from meterops.models.gbm import _meter_chunks
+
+    frame = _fleet(meters=5, days=2).sample(frac=1.0, random_state=0)
+    parts = list(_meter_chunks(frame, 48))  # 48 readings per meter
+    assert [sorted(p["meter_id"].unique()) for p in parts] == [[f"m{i}"] for i in range(5)]
+    assert sum(len(p) for p in parts) == len(frame)
+    pairs = list(_meter_chunks(frame, 100))
+    assert [sorted(p["meter_id"].unique()) for p in pairs] == [["m0", "m1"], ["m2", "m3"], ["m4"]]
+    assert [len(p) for p in list(_meter_chunks(frame, 30))] == [48] * 5  # never splits a meter
+    assert next(iter(_meter_chunks(frame, 10_000))) is frame  # small frames: one part, no copy
+
+
+def test_history_trim_keeps_each_meters_last_older_reading() -> None:
+    from meterops.models.gbm import _recent
+
+    frame = _fleet(meters=2, days=3)
+    gap = (frame["meter_id"] == "m1") & (frame["ts"] >= "2024-01-02") & (frame["ts"] < "2024-01-03")
+    frame = frame[~gap]
+    start = pd.Timestamp("2024-01-03", tz="UTC")
+    kept = _recent(frame, start, pd.Timedelta("6h"))
+    m0 = kept[kept["meter_id"] == "m0"]["ts"]
+    m1 = kept[kept["meter_id"] == "m1"]["ts"]
+    assert m0.min() == start - pd.Timedelta("7h")  # the last reading before the cut
+    assert len(m0) == 24 + 7
+    assert m1.min() == pd.Timestamp("2024-01-01 23:00", tz="UTC")  # before its gap
+    assert len(m1) == 24 + 1
+
+
+def test_conformal_quantile_has_the_finite_sample_rank() -> None:
+    from meterops.models.gbm import _conformal_quantile
+
+    scores = np.arange(1.0, 20.0)  # n = 19: (n + 1) * 0.9 = 18, (n + 1) * 0.1 = 2
+    assert _conformal_quantile(scores, 0.9) == 18.0
+    assert _conformal_quantile(scores, 0.1) == 2.0
+    assert _conformal_quantile(scores, 0.5) == 10.0
+    assert _conformal_quantile(np.arange(1.0, 5.0), 0.9) == 4.0  # rank capped at n
+    # a new score from the same distribution falls below the 0.9 bound >= 90 % of the time
+    rng = np.random.default_rng(0)
+    hits = [rng.normal() <= _conformal_quantile(rng.normal(size=9), 0.9) for _ in range(4000)]
+    assert np.mean(hits) >= 0.89
+
+
+def test_hold_out_covers_a_full_cycle_when_the_history_allows() -> None:
+    day = pd.Timedelta("1d").value
+    model = GBMForecaster()
+    assert model._calibration_share(365 * day) == 0.2  # one year: 20 %
+    assert model._calibration_share(729 * day) == 0.2
+    assert model._calibration_share(730 * day) == pytest.approx(0.5)  # two years: one of them
+    assert model._calibration_share(1000 * day) == pytest.approx(0.365)
+    assert model._calibration_share(20 * 365 * day) == 0.2  # 20 % is already more
+    assert GBMForecaster(calibration_cycle=None)._calibration_share(1000 * day) == 0.2
+    assert GBMForecaster(calibration_fraction=0.0)._calibration_share(1000 * day) == 0.0
+    with pytest.raises(ConfigError, match="calibration_cycle"):
+        GBMForecaster(calibration_cycle="a year")

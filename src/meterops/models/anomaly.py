@@ -76,6 +76,7 @@ __all__ = [
     "ANOMALY_COLUMNS",
     "ANOMALY_KINDS",
     "AnomalyDetector",
+    "average_precision",
     "detection_report",
 ]
 
@@ -824,19 +825,64 @@ class AnomalyDetector:
         return out
 
 
+def average_precision(
+    truth: Sequence[bool] | npt.NDArray[Any], scores: Sequence[float] | Floats
+) -> float | None:
+    """Area under the precision-recall curve as average precision (PR-AUC); None without positives.
+
+    ``sum_n (R_n - R_(n-1)) P_n`` over the thresholds at each distinct score,
+    highest first (the step-wise definition of scikit-learn's
+    ``average_precision_score``, no interpolation); tied scores enter together.
+    Non-finite scores rank lowest.
+
+    >>> average_precision([True, False, True, False], [0.9, 0.8, 0.7, 0.1])  # (1 + 2/3) / 2
+    0.8333333333333333
+    """
+    t = np.asarray(truth, dtype=bool)
+    sc = np.asarray(scores, dtype=np.float64)
+    if len(t) != len(sc):
+        raise InputError(f"{len(t)} labels but {len(sc)} scores")
+    positives = int(t.sum())
+    if positives == 0:
+        return None
+    sc = np.where(np.isfinite(sc), sc, -np.inf)
+    order = np.argsort(-sc, kind="mergesort")
+    ranked, hits = sc[order], t[order]
+    tp = np.cumsum(hits)
+    fp = np.cumsum(~hits)
+    last = np.r_[ranked[1:] != ranked[:-1], True]  # the end of each group of tied scores
+    tp, fp = tp[last], fp[last]
+    precision = tp / (tp + fp)
+    recall = tp / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def detection_report(
     labels: Sequence[Any] | pd.Series | npt.NDArray[Any],
     flags: Sequence[bool] | pd.Series | npt.NDArray[Any],
+    scores: Sequence[float] | pd.Series | npt.NDArray[Any] | None = None,
 ) -> dict[str, Any]:
     """Precision, recall, F1 of ``flags`` against ``labels`` ("" / NaN = normal); recall per kind.
 
+    With ``scores`` (higher = more anomalous) also ``pr_auc``: the average
+    precision of the scores (:func:`average_precision`, threshold-free) for
+    anomaly vs normal, and per kind the PR-AUC of that kind against the
+    normal readings only (other kinds left out, so a kind is not penalised
+    for ranking below another kind). ``pr_auc`` is ``None`` without labelled
+    anomalies; compare it with ``base_rate`` (the PR-AUC of random scores).
+
     >>> detection_report(["", "spike", "stuck", ""], [False, True, False, True])["f1"]
     0.5
+    >>> detection_report(["", "spike", "", "stuck"], [0, 1, 0, 0], [0.1, 0.9, 0.2, 0.3])["pr_auc"]
+    1.0
     """
     lab = pd.Series(labels, dtype=object).fillna("").astype(str).str.strip().to_numpy()
     flag = np.asarray(flags, dtype=bool)
     if len(lab) != len(flag):
         raise InputError(f"{len(lab)} labels but {len(flag)} flags")
+    score = None if scores is None else np.asarray(scores, dtype=np.float64)
+    if score is not None and len(score) != len(lab):
+        raise InputError(f"{len(lab)} labels but {len(score)} scores")
     truth = lab != ""
     tp = int((truth & flag).sum())
     fp = int((~truth & flag).sum())
@@ -844,11 +890,14 @@ def detection_report(
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    per_kind = {}
+    per_kind: dict[str, dict[str, Any]] = {}
     for k in sorted(set(lab[truth])):
         sel = lab == k
         per_kind[str(k)] = {"n": int(sel.sum()), "recall": float(flag[sel].mean())}
-    return {
+        if score is not None:
+            pool = sel | ~truth
+            per_kind[str(k)]["pr_auc"] = average_precision(sel[pool], score[pool])
+    report: dict[str, Any] = {
         "n": len(lab),
         "labelled": int(truth.sum()),
         "flagged": int(flag.sum()),
@@ -860,3 +909,7 @@ def detection_report(
         "f1": f1,
         "per_kind": per_kind,
     }
+    if score is not None:
+        report["pr_auc"] = average_precision(truth, score)
+        report["base_rate"] = float(truth.mean()) if len(truth) else None
+    return report
