@@ -34,7 +34,7 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
-from meterops.errors import InputError
+from meterops.errors import ConfigError, InputError
 from meterops.models.online import OnlineForecaster
 from meterops.store.base import Checkpoint, Store
 from meterops.types import ONLINE_METRIC_SCHEMA
@@ -147,8 +147,15 @@ class OnlineLearners:
             if not fresh.any():
                 continue
             part = frame[fresh].sort_values("ts", kind="stable")
-            self._prime(str(source), model, part)
-            metrics = model.prequential([part])[0]
+            try:
+                self._prime(str(source), model, part)
+                metrics = model.prequential([part])[0]
+            except ConfigError as exc:
+                # too little data to tell the frequency yet: learn nothing now; these
+                # readings are stored, so the next batch's warm-up reads them back
+                log.info("online learner %s waits for more data: %s", source, exc)
+                self._seen[str(source)].clear()
+                continue
             n = int(metrics["n"] or 0)
             rows.append(
                 {

@@ -168,3 +168,12 @@ def test_online_learners_learn_each_message_once_and_resume_from_their_checkpoin
     assert a["n"] == b["n"] > 0
     assert b["sse"] == pytest.approx(a["sse"], rel=1e-9)
     assert b["sse"] < b["persistence_sse"]  # it learned something a fresh model would not
+
+
+def test_online_learners_wait_when_a_batch_cannot_tell_the_frequency(settings: Settings) -> None:
+    one_each = fleet(meters=3, days=1, seed=6).groupby("meter_id").head(1)
+    with Pipeline(settings) as pipe:
+        learners = OnlineLearners(pipe.store, "g")
+        sources = np.full(len(one_each), "readings/0")
+        metrics, checkpoints = learners.step(one_each, sources, np.full(len(one_each), 3), 0)
+    assert metrics.num_rows == 0 and checkpoints == []
