@@ -17,8 +17,11 @@ forecast from the data up to the cutoff ``HH:MM`` (local time of the feature
 time zone) of the day before ``t``'s local day, so the lead varies per slot
 (14 .. 37 steps for hourly data and a 10:00 cutoff). The baselines serve each
 lead with their own as-of rule (``predict`` with that lead); the GBM has one
-model for all leads (see :mod:`meterops.models.gbm`). ``horizon_steps`` is
-then the longest lead and ``day_ahead`` gives the cutoff and the lead range.
+model for all leads (see :mod:`meterops.models.gbm`); any other candidate
+(the online model) is fitted for the longest lead and serves every slot
+from that far back (older data than the cutoff allows, never newer).
+``horizon_steps`` is then the longest lead and ``day_ahead`` gives the
+cutoff, the time zone and the lead range.
 
 ``selected`` is the model meterops itself would serve, chosen per fold from
 the training data only: the candidates are compared by RMSE on the last part

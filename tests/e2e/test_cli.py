@@ -136,7 +136,7 @@ def test_config_flag_before_or_after_the_command(workdir: Path, cli: Run, tmp_pa
     assert bad.returncode == 2 and "meterops init" in bad.stderr
 
 
-def test_cluster_stores_a_cluster_per_meter(workdir: Path, cli: Run) -> None:
+def test_cluster_stores_a_cluster_per_meter(profile: str, workdir: Path, cli: Run) -> None:
     from meterops.pipeline import Pipeline
     from meterops.settings import load_settings
 

@@ -20,7 +20,7 @@ from meterops.features import FeatureSpec
 from meterops.models import GBMForecaster, create
 from meterops.sources.simulator import FleetSpec, simulate
 
-FAST_GBM = {"n_estimators": 40, "min_history": 50, "min_train_rows": 100}
+FAST_GBM = {"n_estimators": 40, "quantile_estimators": 40, "min_history": 50, "min_train_rows": 100}
 
 
 def test_metrics_on_known_numbers() -> None:
@@ -238,6 +238,16 @@ def test_gbm_day_ahead_model_has_one_booster_set_with_a_lead_feature() -> None:
     assert len(knots) == 8 and knots[-1] == 151 and min(knots) >= 56
     with pytest.raises(ConfigError, match="not fitted for day-ahead@06:00"):
         model.predict(frame, "day-ahead@06:00")
+    # a meter unseen in training gets the fallback's day-ahead forecast, lead by lead
+    new = _hourly(meters=1, days=30, seed=9).assign(meter_id="new")
+    start = new["ts"].max() - pd.Timedelta("2d") + pd.Timedelta("1h")
+    da = parse_horizon("day-ahead@10:00")
+    assert da is not None
+    served = model.predict(pd.concat([frame, new]), da.text, start=start)
+    naive = predict_as_of(create("seasonal_naive_daily").fit(new), new, da, start=start)
+    np.testing.assert_allclose(
+        served[served["meter_id"] == "new"]["yhat"].to_numpy(), naive["yhat"].to_numpy()
+    )
 
 
 def test_backtest_day_ahead_document_and_predictions() -> None:

@@ -210,3 +210,19 @@ def test_hold_out_covers_a_full_cycle_when_the_history_allows() -> None:
     assert GBMForecaster(calibration_fraction=0.0)._calibration_share(1000 * day) == 0.0
     with pytest.raises(ConfigError, match="calibration_cycle"):
         GBMForecaster(calibration_cycle="a year")
+
+
+def test_row_buffer_appends_without_holding_rows_twice() -> None:
+    from meterops.models.gbm import _Buffer
+
+    buffer = _Buffer(4, 2, np.float32)
+    buffer.add(np.ones((3, 2)))
+    first = buffer.view()
+    assert first.shape == (3, 2) and first.dtype == np.float32
+    buffer.add(np.full((1, 2), 2.0))
+    assert np.shares_memory(buffer.view(), first)  # within capacity: no copy
+    buffer.add(np.full((3, 2), 3.0))  # beyond capacity: grows once, keeps the rows
+    assert buffer.view().tolist() == [[1.0, 1.0]] * 3 + [[2.0, 2.0]] + [[3.0, 3.0]] * 3
+    flat = _Buffer(0, 0, np.int64)
+    flat.add(np.arange(5))
+    assert flat.view().tolist() == [0, 1, 2, 3, 4]
