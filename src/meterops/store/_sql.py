@@ -559,3 +559,74 @@ def range_filter(
         where.append(f"ts < {param}")
         args.append(int(pd.Timestamp(end).value // 1000))
     return where, args
+
+
+class StreamReads:
+    """The read side of the stream tables, one definition for both SQL stores.
+
+    A store mixing this in sets ``param`` (its driver's placeholder) and
+    implements ``_frame(sql, args, columns)`` returning the rows as a frame.
+    """
+
+    param = "?"
+
+    def _frame(self, sql: str, args: Sequence[Any], columns: list[str]) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def predictions(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        horizon: int | None = None,
+    ) -> pd.DataFrame:
+        where, args = range_filter(self.param, meter_id, start, end)
+        if horizon is not None:
+            where.append(f"horizon = {self.param}")
+            args.append(int(horizon))
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = self._frame(
+            f"SELECT {PREDICTIONS}, actual FROM predictions WHERE {clauses} "  # noqa: S608
+            "ORDER BY meter_id, ts, horizon",
+            args,
+            [*PREDICTION_SCHEMA.names, "actual"],
+        )
+        if frame.empty:
+            return empty_frame(PREDICTION_SCHEMA, ["actual"])
+        frame["actual"] = pd.to_numeric(frame["actual"]).astype(np.float64)
+        return typed_frame(frame, PREDICTION_SCHEMA)
+
+    def scores(
+        self,
+        meter_id: str | None = None,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+        anomalies_only: bool = False,
+    ) -> pd.DataFrame:
+        where, args = range_filter(self.param, meter_id, start, end)
+        if anomalies_only:
+            where.append("is_anomaly = 1")
+        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
+        frame = self._frame(
+            f"SELECT {SCORES} FROM scores WHERE {clauses} ORDER BY meter_id, ts",  # noqa: S608
+            args,
+            SCORE_SCHEMA.names,
+        )
+        if frame.empty:
+            return empty_frame(SCORE_SCHEMA)
+        return typed_frame(frame, SCORE_SCHEMA)
+
+    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        args: list[Any] = [] if model is None else [model]
+        where = "1=1" if model is None else f"model = {self.param}"
+        sql = f"SELECT id, {ONLINE_METRICS} FROM online_metrics WHERE {where} ORDER BY id DESC"  # noqa: S608
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        frame = self._frame(
+            f"SELECT {ONLINE_METRICS} FROM ({sql}) AS recent ORDER BY id",  # noqa: S608
+            args,
+            ONLINE_METRIC_SCHEMA.names,
+        )
+        if frame.empty:
+            return empty_frame(ONLINE_METRIC_SCHEMA)
+        return typed_frame(frame, ONLINE_METRIC_SCHEMA)

@@ -64,10 +64,9 @@ from meterops.store._sql import (
     ONLINE_METRICS,
     POSTGRES,
     PREDICTION_KEY,
-    PREDICTIONS,
     RESERVED,
     SCORE_KEY,
-    SCORES,
+    StreamReads,
     accuracy_frame,
     accuracy_sql,
     by_key,
@@ -75,7 +74,6 @@ from meterops.store._sql import (
     checkpoint_from,
     checkpoint_rows,
     conflict_letters,
-    empty_frame,
     meter_tallies,
     migrations,
     now_us,
@@ -84,15 +82,12 @@ from meterops.store._sql import (
     score_rows,
     span_table,
     statements,
-    typed_frame,
 )
 from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
 from meterops.types import (
     DEADLETTER_SCHEMA,
     KEY_COLUMNS,
     ONLINE_METRIC_SCHEMA,
-    PREDICTION_SCHEMA,
-    SCORE_SCHEMA,
     TS_TYPE,
     ReadingBatch,
     schema_for,
@@ -392,8 +387,10 @@ def _stored_values(conn: psycopg.Connection[tuple[Any, ...]], rows: pa.Table) ->
     return values
 
 
-class PostgresStore(Store):
+class PostgresStore(StreamReads, Store):
     """See the module docstring."""
+
+    param = "%s"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -911,70 +908,11 @@ class PostgresStore(Store):
             )
 
     # -- scored ------------------------------------------------------------
-    def predictions(
-        self,
-        meter_id: str | None = None,
-        start: pd.Timestamp | None = None,
-        end: pd.Timestamp | None = None,
-        horizon: int | None = None,
-    ) -> pd.DataFrame:
-        where, args = range_filter("%s", meter_id, start, end)
-        if horizon is not None:
-            where.append("horizon = %s")
-            args.append(int(horizon))
-        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
-        frame = self._frame(
-            f"SELECT {PREDICTIONS}, actual FROM predictions WHERE {clauses} "  # noqa: S608
-            "ORDER BY meter_id, ts, horizon",
-            args,
-            [*PREDICTION_SCHEMA.names, "actual"],
-        )
-        if frame.empty:
-            return empty_frame(PREDICTION_SCHEMA, ["actual"])
-        frame["actual"] = pd.to_numeric(frame["actual"]).astype(np.float64)
-        return typed_frame(frame, PREDICTION_SCHEMA)
-
-    def scores(
-        self,
-        meter_id: str | None = None,
-        start: pd.Timestamp | None = None,
-        end: pd.Timestamp | None = None,
-        anomalies_only: bool = False,
-    ) -> pd.DataFrame:
-        where, args = range_filter("%s", meter_id, start, end)
-        if anomalies_only:
-            where.append("is_anomaly = 1")
-        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
-        frame = self._frame(
-            f"SELECT {SCORES} FROM scores WHERE {clauses} ORDER BY meter_id, ts",  # noqa: S608
-            args,
-            SCORE_SCHEMA.names,
-        )
-        if frame.empty:
-            return empty_frame(SCORE_SCHEMA)
-        return typed_frame(frame, SCORE_SCHEMA)
-
     def accuracy(self, since: pd.Timestamp | None = None, by_meter: bool = True) -> pd.DataFrame:
         args = [] if since is None else [int(pd.Timestamp(since).value // 1000)]
         with self._connection() as conn:
             rows = conn.execute(accuracy_sql(by_meter, since is not None, "%s"), args).fetchall()
         return accuracy_frame(rows, by_meter)
-
-    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
-        args: list[Any] = [] if model is None else [model]
-        where = "true" if model is None else "model = %s"
-        sql = f"SELECT id, {ONLINE_METRICS} FROM online_metrics WHERE {where} ORDER BY id DESC"  # noqa: S608
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(int(limit))
-        frame = self._frame(
-            f"SELECT {ONLINE_METRICS} FROM ({sql}) AS recent ORDER BY id",  # noqa: S608
-            args,
-            ONLINE_METRIC_SCHEMA.names,
-        )
-        if frame.empty:
-            return empty_frame(ONLINE_METRIC_SCHEMA)
-        return typed_frame(frame, ONLINE_METRIC_SCHEMA)
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         with self._connection() as conn:

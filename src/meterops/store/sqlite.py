@@ -38,17 +38,15 @@ from meterops.store._sql import (
     NOTHING_INSERTED,
     NOTHING_SCORED,
     ONLINE_METRICS,
-    PREDICTIONS,
     RESERVED,
-    SCORES,
     SQLITE,
+    StreamReads,
     accuracy_frame,
     accuracy_sql,
     check_covariate,
     checkpoint_from,
     checkpoint_rows,
     conflict_letters,
-    empty_frame,
     meter_tallies,
     migrations,
     now_us,
@@ -57,14 +55,11 @@ from meterops.store._sql import (
     score_rows,
     span_table,
     statements,
-    typed_frame,
 )
 from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
 from meterops.types import (
     DEADLETTER_SCHEMA,
     ONLINE_METRIC_SCHEMA,
-    PREDICTION_SCHEMA,
-    SCORE_SCHEMA,
     TS_TYPE,
     ReadingBatch,
     schema_for,
@@ -165,7 +160,7 @@ class _Overlap(Exception):
     """Scored rows of a write were stored already: redo the write carefully."""
 
 
-class SQLiteStore(Store):
+class SQLiteStore(StreamReads, Store):
     """See the module docstring. ``path`` may be ``:memory:`` for tests."""
 
     def __init__(self, path: str) -> None:
@@ -617,68 +612,15 @@ class SQLiteStore(Store):
             raise
 
     # -- scored ------------------------------------------------------------
-    def predictions(
-        self,
-        meter_id: str | None = None,
-        start: pd.Timestamp | None = None,
-        end: pd.Timestamp | None = None,
-        horizon: int | None = None,
-    ) -> pd.DataFrame:
-        where, args = range_filter("?", meter_id, start, end)
-        if horizon is not None:
-            where.append("horizon = ?")
-            args.append(int(horizon))
-        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
-        frame = pd.read_sql_query(
-            f"SELECT {PREDICTIONS}, actual FROM predictions WHERE {clauses} "  # noqa: S608
-            "ORDER BY meter_id, ts, horizon",
-            self.conn,
-            params=args,
-        )
-        if frame.empty:
-            return empty_frame(PREDICTION_SCHEMA, ["actual"])
-        frame["actual"] = pd.to_numeric(frame["actual"]).astype(np.float64)
-        return typed_frame(frame, PREDICTION_SCHEMA)
-
-    def scores(
-        self,
-        meter_id: str | None = None,
-        start: pd.Timestamp | None = None,
-        end: pd.Timestamp | None = None,
-        anomalies_only: bool = False,
-    ) -> pd.DataFrame:
-        where, args = range_filter("?", meter_id, start, end)
-        if anomalies_only:
-            where.append("is_anomaly = 1")
-        clauses = " AND ".join(where)  # fixed clauses; values are bound parameters
-        frame = pd.read_sql_query(
-            f"SELECT {SCORES} FROM scores WHERE {clauses} ORDER BY meter_id, ts",  # noqa: S608
-            self.conn,
-            params=args,
-        )
-        if frame.empty:
-            return empty_frame(SCORE_SCHEMA)
-        return typed_frame(frame, SCORE_SCHEMA)
+    def _frame(self, sql: str, args: Sequence[Any], columns: list[str]) -> pd.DataFrame:
+        frame = pd.read_sql_query(sql, self.conn, params=list(args))
+        frame.columns = columns
+        return frame
 
     def accuracy(self, since: pd.Timestamp | None = None, by_meter: bool = True) -> pd.DataFrame:
         args = [] if since is None else [int(pd.Timestamp(since).value // 1000)]
         rows = self.conn.execute(accuracy_sql(by_meter, since is not None, "?"), args).fetchall()
         return accuracy_frame(rows, by_meter)
-
-    def online_metrics(self, model: str | None = None, limit: int | None = None) -> pd.DataFrame:
-        args: list[Any] = [] if model is None else [model]
-        where = "1=1" if model is None else "model = ?"
-        sql = f"SELECT id, {ONLINE_METRICS} FROM online_metrics WHERE {where} ORDER BY id DESC"  # noqa: S608
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        frame = pd.read_sql_query(
-            f"SELECT {ONLINE_METRICS} FROM ({sql}) ORDER BY id",  # noqa: S608
-            self.conn,
-            params=args,
-        )
-        if frame.empty:
-            return empty_frame(ONLINE_METRIC_SCHEMA)
-        return typed_frame(frame, ONLINE_METRIC_SCHEMA)
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         row = self.conn.execute(
