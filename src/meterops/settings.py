@@ -135,8 +135,7 @@ class ScoringSettings(_Section):
     steps); a reading is an anomaly when it is more than ``anomaly_threshold``
     interval-widths-in-sigmas from its one-step forecast. ``reload_every`` is
     how often (seconds) the champion alias is checked; ``online`` runs the
-    online model prequentially per micro-batch and ``online_registry_every``
-    logs it to the registry this often (``"0"``: never).
+    online model prequentially per micro-batch (one learner per partition).
     """
 
     enabled: bool = True
@@ -144,7 +143,6 @@ class ScoringSettings(_Section):
     anomaly_threshold: float = Field(4.0, gt=0)
     reload_every: float = Field(1.0, gt=0)
     online: bool = True
-    online_registry_every: str = "1h"
 
     @field_validator("horizons")
     @classmethod
@@ -155,13 +153,6 @@ class ScoringSettings(_Section):
             if not str(text).strip().isdigit():
                 parse_duration(text)
         return tuple(str(t) for t in v)
-
-    @field_validator("online_registry_every")
-    @classmethod
-    def _every(cls, v: str) -> str:
-        if str(v).strip() != "0":
-            parse_duration(v)
-        return v
 
 
 class SourceSettings(_Section):
@@ -337,7 +328,6 @@ horizons = ["1", "24h"]   # forecasts per reading: steps or durations
 anomaly_threshold = 4.0   # flag readings this many sigmas (from the 80 % interval) off
 reload_every = 1.0        # seconds between checks of the champion alias (hot reload)
 online = true             # online model learns per micro-batch (prequential metrics)
-online_registry_every = "1h"  # log the online model to the registry this often ("0": never)
 
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files
