@@ -187,10 +187,6 @@ class OnlineLearners:
             self._next.pop(source, None)
             self._seen.pop(source, None)
 
-    @property
-    def models(self) -> dict[str, OnlineForecaster]:
-        return dict(self._models)
-
 
 def _sum_sq(rmse: Any, n: int) -> float:
     return 0.0 if rmse is None or n == 0 else float(rmse) ** 2 * n if math.isfinite(rmse) else 0.0

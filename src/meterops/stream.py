@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,11 +352,3 @@ class ChampionWatcher:
         if self._registry is not None:
             self._registry.close()
             self._registry = None
-
-
-def positions(sources: Sequence[str], offsets: npt.NDArray[np.int64]) -> dict[str, int]:
-    """Next offset per source covered by rows at ``offsets`` (for checkpoints)."""
-    out: dict[str, int] = {}
-    for s, o in zip(sources, offsets.tolist(), strict=True):
-        out[s] = max(out.get(s, 0), int(o) + 1)
-    return out

@@ -630,3 +630,13 @@ class StreamReads:
         if frame.empty:
             return empty_frame(ONLINE_METRIC_SCHEMA)
         return typed_frame(frame, ONLINE_METRIC_SCHEMA)
+
+
+def returned_keys(found: Sequence[Sequence[Any]], column: str, kind: pa.DataType) -> pa.Table:
+    """The ``(meter_id, column)`` rows an ``INSERT ... RETURNING`` gave back, as a table."""
+    return pa.table(
+        {
+            "meter_id": pa.array([r[0] for r in found], pa.string()),
+            column: pa.array([r[1] for r in found]).cast(kind),
+        }
+    )

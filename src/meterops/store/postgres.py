@@ -79,6 +79,7 @@ from meterops.store._sql import (
     now_us,
     prediction_rows,
     range_filter,
+    returned_keys,
     score_rows,
     span_table,
     statements,
@@ -350,13 +351,7 @@ def _insert_new(
         f'ORDER BY {", ".join(key)} ON CONFLICT DO NOTHING RETURNING meter_id, "{column}"'
     ).fetchall()
     conn.execute("DROP TABLE _new")
-    kind = rows.schema.field(column).type
-    return pa.table(
-        {
-            "meter_id": pa.array([r[0] for r in found], pa.string()),
-            column: pa.array([r[1] for r in found]).cast(kind),
-        }
-    )
+    return returned_keys(found, column, rows.schema.field(column).type)
 
 
 def _spans(conn: psycopg.Connection[tuple[Any, ...]], meter_ids: list[str]) -> pa.Table:

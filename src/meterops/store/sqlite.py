@@ -52,6 +52,7 @@ from meterops.store._sql import (
     now_us,
     prediction_rows,
     range_filter,
+    returned_keys,
     score_rows,
     span_table,
     statements,
@@ -428,13 +429,7 @@ class SQLiteStore(StreamReads, Store):
             f'ORDER BY rowid ON CONFLICT DO NOTHING RETURNING meter_id, "{column}"'
         ).fetchall()
         c.execute("DROP TABLE temp._new")
-        kind = rows.schema.field(column).type
-        return pa.table(
-            {
-                "meter_id": pa.array([r[0] for r in found], pa.string()),
-                column: pa.array([r[1] for r in found]).cast(kind),
-            }
-        )
+        return returned_keys(found, column, rows.schema.field(column).type)
 
     def _spans(self, meter_ids: list[str]) -> pa.Table:
         """``meter_id, first_ts, last_ts`` of the stored meters among ``meter_ids``."""
