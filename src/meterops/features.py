@@ -97,7 +97,10 @@ def covariate_columns(frame: pd.DataFrame) -> tuple[str, ...]:
 
 
 def _utc(ts: pd.Series | pd.DatetimeIndex) -> pd.Series:
-    out = pd.Series(pd.to_datetime(ts))
+    out = ts if isinstance(ts, pd.Series) else pd.Series(ts)
+    if not pd.api.types.is_datetime64_any_dtype(out.dtype):
+        # only parse what is not a datetime yet: to_datetime walks tz-aware values one by one
+        out = pd.Series(pd.to_datetime(out))
     if out.dt.tz is None:
         return out.dt.tz_localize("UTC")
     return out.dt.tz_convert("UTC")

@@ -36,14 +36,14 @@ import pyarrow as pa
 
 from meterops.errors import ConfigError, InputError
 from meterops.models.online import OnlineForecaster
-from meterops.store.base import Checkpoint, Store
+from meterops.store.base import Checkpoint, RecentReadings, Store
 from meterops.types import ONLINE_METRIC_SCHEMA
 
-__all__ = ["OnlineLearners", "pack_state", "unpack_state"]
+__all__ = ["WARMUP", "OnlineLearners", "pack_state", "unpack_state"]
 
 log = logging.getLogger("meterops.stream")
 
-_WARMUP = pd.Timedelta("8d")  # history a new learner reads before its frequency is known
+WARMUP = pd.Timedelta("8d")  # history a new learner reads before its frequency is known
 ONLINE_LABEL = "online"
 
 
@@ -80,16 +80,14 @@ class OnlineLearners:
     def name(self, source: str) -> str:
         return f"online/{self.group}/{source}"
 
+    @staticmethod
     def _history(
-        self, model: OnlineForecaster, meters: list[str], end: pd.Timestamp
+        history: RecentReadings, model: OnlineForecaster, meters: list[str], end: pd.Timestamp
     ) -> pd.DataFrame:
-        span = _WARMUP
+        span = WARMUP
         if model.is_fitted:
             span = model.freq_ * (model.state_.length + 1)
-        start = end - span
-        parts = [self.store.readings(meter_id=m, start=start, end=end).to_pandas() for m in meters]
-        parts = [p for p in parts if len(p)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        return history.get(meters, end - span, end)
 
     def _learner(self, source: str) -> OnlineForecaster:
         model = self._models.get(source)
@@ -111,12 +109,14 @@ class OnlineLearners:
         self._seen[source] = set()
         return model
 
-    def _prime(self, source: str, model: OnlineForecaster, part: pd.DataFrame) -> None:
+    def _prime(
+        self, source: str, model: OnlineForecaster, part: pd.DataFrame, stored: RecentReadings
+    ) -> None:
         """Bring meters new to this learner up to date from the store before their batch."""
         meters = [m for m in pd.unique(part["meter_id"]) if m not in self._seen[source]]
         if not meters:
             return
-        history = self._history(model, [str(m) for m in meters], part["ts"].min())
+        history = self._history(stored, model, [str(m) for m in meters], part["ts"].min())
         self._seen[source].update(str(m) for m in meters)
         if history.empty:
             return
@@ -131,11 +131,13 @@ class OnlineLearners:
         sources: npt.NDArray[Any],
         message_next: npt.NDArray[np.int64],
         now_us: int,
+        stored: RecentReadings,
     ) -> tuple[pa.Table, list[Checkpoint]]:
         """Predict, score and learn the valid readings of one micro-batch, per partition.
 
         ``sources`` and ``message_next`` (the next offset of each row's
-        message) are aligned with ``frame``. Returns the metrics rows
+        message) are aligned with ``frame``; ``stored`` serves the warm-up
+        history of meters a learner has not seen. Returns the metrics rows
         (``ONLINE_METRIC_SCHEMA``) and the checkpoints to store with the batch.
         """
         rows: list[dict[str, Any]] = []
@@ -148,7 +150,7 @@ class OnlineLearners:
                 continue
             part = frame[fresh].sort_values("ts", kind="stable")
             try:
-                self._prime(str(source), model, part)
+                self._prime(str(source), model, part, stored)
                 metrics = model.prequential([part])[0]
             except ConfigError as exc:
                 # too little data to tell the frequency yet: learn nothing now; these

@@ -26,6 +26,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from meterops.backends import make_bus, make_store
 from meterops.bus.base import (
@@ -40,7 +41,7 @@ from meterops.bus.base import (
 from meterops.errors import ConfigError, Unavailable
 from meterops.lake import Lake
 from meterops.settings import Settings, redact_url
-from meterops.store.base import Scored, Store
+from meterops.store.base import RecentReadings, Scored, Store
 from meterops.types import (
     ONLINE_METRIC_SCHEMA,
     PREDICTION_SCHEMA,
@@ -386,14 +387,26 @@ class Worker:
         message_next: np.ndarray,
     ) -> Scored:
         now = time.time_ns() // 1000
+        stored = self._recent(good)
         predictions, scores = PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
         if self._scorer is not None:
-            self._scorer.prime(self.pipeline.store, good)
+            self._scorer.prime(stored, good)
             predictions, scores = self._scorer.score(good, sources, offsets, now)
         metrics, checkpoints = ONLINE_METRIC_SCHEMA.empty_table(), []
         if self._online is not None:
-            metrics, checkpoints = self._online.step(good.to_pandas(), sources, message_next, now)
+            metrics, checkpoints = self._online.step(
+                good.to_pandas(), sources, message_next, now, stored
+            )
         return Scored(predictions, scores, metrics, checkpoints)
+
+    def _recent(self, good: ReadingBatch) -> RecentReadings:
+        """The stored history the scorer and the learners warm new meters up from (read once)."""
+        from meterops.online_stream import WARMUP
+
+        ts = good.table.column("ts")
+        span = WARMUP if self._scorer is None else max(WARMUP, self._scorer.history_span)
+        start = pd.Timestamp(pc.min(ts).as_py()) - span
+        return RecentReadings(self.pipeline.store, start, pd.Timestamp(pc.max(ts).as_py()))
 
     def write(self, prepared: Prepared) -> BatchStats:
         """Store a prepared micro-batch in one transaction, then lake and topics."""

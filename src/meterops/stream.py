@@ -48,7 +48,7 @@ from meterops.features import FeatureState, resolve_horizon
 from meterops.models.base import Forecaster
 from meterops.models.gbm import GBMForecaster
 from meterops.settings import ScoringSettings, Settings
-from meterops.store.base import Store
+from meterops.store.base import RecentReadings
 from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
 
 __all__ = ["ChampionScorer", "ChampionWatcher", "LoadedModel"]
@@ -57,7 +57,6 @@ log = logging.getLogger("meterops.stream")
 
 Floats = npt.NDArray[np.float64]
 _SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
-_BULK_PRIME = 50  # above this many unseen meters, prime from one range query
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,12 @@ class ChampionScorer:
 
     # ------------------------------------------------------------------ buffers
 
-    def prime(self, store: Store, batch: ReadingBatch) -> int:
+    @property
+    def history_span(self) -> pd.Timedelta:
+        """How far back a meter's stored readings fill its feature buffers."""
+        return self.freq * (self.state.length + 1)
+
+    def prime(self, stored: RecentReadings, batch: ReadingBatch) -> int:
         """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
         meters = pd.unique(
             np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
@@ -127,15 +131,8 @@ class ChampionScorer:
         if not new:
             return 0
         ts = batch.table.column("ts").to_pandas()
-        start = ts.min() - self.freq * (self.state.length + 1)
         end = ts.max()
-        if len(new) > _BULK_PRIME:
-            history = store.readings(start=start, end=end)
-            frame = history.to_pandas()
-            frame = frame[frame["meter_id"].isin(new)]
-        else:
-            parts = [store.readings(meter_id=m, start=start, end=end).to_pandas() for m in new]
-            frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        frame = stored.get(new, ts.min() - self.history_span, end)
         if len(frame):
             self.state.update(frame)
         self._primed.update(new)
@@ -208,12 +205,12 @@ class ChampionScorer:
         the previous one; only the rest go through the model.
         """
         n = len(ids)
-        key = pd.MultiIndex.from_arrays([ids, ts.to_numpy()])
+        key = pd.MultiIndex.from_arrays([ids, ts.to_numpy(dtype="datetime64[ns]")])
         out = np.full((n, 4), np.nan)
         missing = np.ones(n, dtype=bool)
         if one_step is not None:
             target, made = one_step
-            known = pd.MultiIndex.from_arrays([ids, target.to_numpy()])
+            known = pd.MultiIndex.from_arrays([ids, target.to_numpy(dtype="datetime64[ns]")])
             if self._carry is not None:
                 known = known.append(self._carry[0])
                 made = np.vstack([made, self._carry[1]])

@@ -15,11 +15,18 @@ from meterops.models.gbm import GBMForecaster
 from meterops.online_stream import OnlineLearners, pack_state, unpack_state
 from meterops.pipeline import Pipeline
 from meterops.settings import ScoringSettings, Settings
-from meterops.store.base import Scored, Store
+from meterops.store.base import RecentReadings, Scored, Store
 from meterops.stream import ChampionScorer, LoadedModel
 from meterops.types import DEADLETTER_SCHEMA, PREDICTION_SCHEMA, SCORE_SCHEMA, ReadingBatch
 
 SPEC = FeatureSpec(freq="1h", rolling_windows=("1d",), seasonal_periods=("1d",))
+
+
+def _recent(store: Store) -> RecentReadings:
+    """Every stored reading is recent (the learners' warm-up reads what it needs)."""
+    return RecentReadings(
+        store, pd.Timestamp("2000-01-01", tz="UTC"), pd.Timestamp("2100-01-01", tz="UTC")
+    )
 
 
 def fleet(meters: int = 6, days: int = 30, seed: int = 0) -> pd.DataFrame:
@@ -153,16 +160,22 @@ def test_online_learners_learn_each_message_once_and_resume_from_their_checkpoin
     sources = np.full(len(first), "readings/0")
     with Pipeline(settings) as pipe:
         learners = OnlineLearners(pipe.store, "g")
-        metrics, checkpoints = learners.step(first, sources, np.full(len(first), 10), 0)
+        metrics, checkpoints = learners.step(
+            first, sources, np.full(len(first), 10), 0, _recent(pipe.store)
+        )
         assert metrics.num_rows == 1 and metrics.column("n")[0].as_py() > 0.9 * len(first)
         _write(pipe.store, first, metrics, checkpoints)
         # the same message again (crash before the bus commit): nothing learned twice
-        again, kept = learners.step(first, sources, np.full(len(first), 10), 0)
+        again, kept = learners.step(first, sources, np.full(len(first), 10), 0, _recent(pipe.store))
         assert again.num_rows == 0 and kept == []
-        uninterrupted = learners.step(second, sources[: len(second)], np.full(len(second), 20), 0)
+        uninterrupted = learners.step(
+            second, sources[: len(second)], np.full(len(second), 20), 0, _recent(pipe.store)
+        )
         # a new worker: learned state from the checkpoint, buffers from the store
         restarted = OnlineLearners(pipe.store, "g")
-        resumed = restarted.step(second, sources[: len(second)], np.full(len(second), 20), 0)
+        resumed = restarted.step(
+            second, sources[: len(second)], np.full(len(second), 20), 0, _recent(pipe.store)
+        )
         assert pipe.store.checkpoint("online/g/readings/0") is not None
     a, b = uninterrupted[0].to_pylist()[0], resumed[0].to_pylist()[0]
     assert a["n"] == b["n"] > 0
@@ -175,5 +188,7 @@ def test_online_learners_wait_when_a_batch_cannot_tell_the_frequency(settings: S
     with Pipeline(settings) as pipe:
         learners = OnlineLearners(pipe.store, "g")
         sources = np.full(len(one_each), "readings/0")
-        metrics, checkpoints = learners.step(one_each, sources, np.full(len(one_each), 3), 0)
+        metrics, checkpoints = learners.step(
+            one_each, sources, np.full(len(one_each), 3), 0, _recent(pipe.store)
+        )
     assert metrics.num_rows == 0 and checkpoints == []

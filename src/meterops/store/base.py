@@ -34,9 +34,18 @@ import pyarrow as pa
 
 from meterops.types import ReadingBatch
 
-__all__ = ["DUPLICATE_REASON", "Checkpoint", "Scored", "Store", "StoreCounts", "WriteResult"]
+__all__ = [
+    "DUPLICATE_REASON",
+    "Checkpoint",
+    "RecentReadings",
+    "Scored",
+    "Store",
+    "StoreCounts",
+    "WriteResult",
+]
 
 DUPLICATE_REASON = "duplicate with a different value"
+_PER_METER_READS = 50  # above this many meters, one range query beats one query per meter
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,37 @@ class Checkpoint:
     name: str
     state: bytes
     offsets: Mapping[str, int]
+
+
+class RecentReadings:
+    """Stored readings read at most once per micro-batch for every part that warms meters up.
+
+    A worker meeting a fleet for the first time (at start, after a
+    rebalance) must load each meter's recent history into the champion's
+    feature buffers and into the online learners. One query per meter costs
+    a round trip each; one range query per consumer read the same rows
+    several times. So many meters are served from one range read
+    ``[start, end)`` fetched on first use and shared; a few meters are read
+    one by one.
+    """
+
+    def __init__(self, store: Store, start: pd.Timestamp, end: pd.Timestamp) -> None:
+        self.store = store
+        self.start = start
+        self.end = end
+        self._all: pd.DataFrame | None = None
+
+    def get(self, meters: Sequence[str], start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+        """Readings of ``meters`` in ``[start, end)``, ordered by meter and time."""
+        if len(meters) > _PER_METER_READS and self.start <= start and end <= self.end:
+            if self._all is None:
+                self._all = self.store.readings(start=self.start, end=self.end).to_pandas()
+            frame = self._all
+            keep = frame["meter_id"].isin(meters) & (frame["ts"] >= start) & (frame["ts"] < end)
+            return frame[keep].reset_index(drop=True)
+        parts = [self.store.readings(meter_id=m, start=start, end=end).to_pandas() for m in meters]
+        parts = [p for p in parts if len(p)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 @dataclass(frozen=True)
