@@ -8,9 +8,12 @@ project's registry, the recent training days stored as history, then:
 * **throughput**: a backlog of readings published to the bus and drained by
   one in-process worker (validate, features, champion forecasts per horizon,
   anomaly scores, online learners, one store transaction, lake, predictions
-  topic, commit), timed from the first poll to idle;
-* **latency**: a steady ``rate`` readings/s (one message per time step)
-  for ``latency_seconds``; latency of a reading = the time its prediction is
+  topic, commit), timed from the first poll to idle. The worker is warmed
+  up first, untimed: it has scored the backlog's first time step (so every
+  meter's history is in its buffers and learners) and its champion's
+  boosters are compiled; start-up costs are not throughput;
+* **latency**: after the same warm-up, a steady ``rate`` readings/s (one
+  message per time step) for ``latency_seconds``; latency of a reading = the time its prediction is
   stored (``scored_at``) minus the time its message was published;
 * **scaling**: the same backlog drained by 1 and by 2 worker processes in
   one consumer group, each run in a fresh project sharing the registry;
@@ -133,16 +136,27 @@ def _store_history(settings: Settings, history: pd.DataFrame) -> None:
         pipe.worker().run(until_idle=True)
 
 
-def _drain_in_process(settings: Settings) -> tuple[float, int]:
-    """Seconds for one warmed-up worker to drain the bus, and the readings it processed."""
+def _drain_in_process(settings: Settings, warmup: pd.DataFrame, backlog: pd.DataFrame) -> float:
+    """Seconds for one warmed-up worker to drain ``backlog`` from the bus.
+
+    Warm-up, not timed: the worker joins the group, loads the champion,
+    scores ``warmup`` (which reads every meter's stored history into its
+    feature buffers and online learners) and waits for the compiled
+    boosters; the steady state is what is timed.
+    """
     from meterops.pipeline import Pipeline
 
     with Pipeline(settings) as pipe:
         worker = pipe.worker()
-        worker._open()  # joins the group and loads the champion: start-up is not timed
+        worker._open()
+        _publish(settings, warmup)
+        while worker.step() is not None:
+            pass
+        worker.warm()
+        _publish(settings, backlog)
         started = time.perf_counter()
-        totals = worker.run(until_idle=True)
-        return time.perf_counter() - started, totals.rows
+        worker.run(until_idle=True)
+        return time.perf_counter() - started
 
 
 def _scored_span(settings: Settings) -> tuple[float, int]:
@@ -186,6 +200,9 @@ def _serve(settings: Settings, stop: threading.Event, ready: threading.Event) ->
     with Pipeline(settings) as pipe:
         worker = pipe.worker()
         worker._open()
+        while worker.step() is not None:  # the warm-up step already published
+            pass
+        worker.warm()
         ready.set()
         worker.run(stop=stop)
 
@@ -196,6 +213,8 @@ def _latency(settings: Settings, stream: pd.DataFrame, rate: float, seconds: flo
     from meterops.types import ReadingBatch
 
     sent: dict[pd.Timestamp, float] = {}
+    steps = _steps(stream)
+    _publish(settings, next(steps))  # warm-up (as in the throughput run), not measured
     stop, ready = threading.Event(), threading.Event()
     runner = threading.Thread(target=_serve, args=(settings, stop, ready), daemon=True)
     runner.start()
@@ -205,7 +224,7 @@ def _latency(settings: Settings, stream: pd.DataFrame, rate: float, seconds: flo
     with Pipeline(settings) as source:
         deadline = time.perf_counter() + seconds
         next_at = time.perf_counter()
-        for step in _steps(stream):
+        for step in steps:
             if time.perf_counter() >= deadline:
                 break
             time.sleep(max(0.0, next_at - time.perf_counter()))
@@ -264,9 +283,9 @@ def bench_pipeline(
         _store_history(main, history)
 
         progress(f"throughput: one worker drains {len(backlog):,} readings ...")
-        _publish(main, backlog)
-        seconds, rows = _drain_in_process(main)
-        out["readings_per_s"] = round(rows / seconds, 1)
+        first = backlog["ts"] == backlog["ts"].min()
+        seconds = _drain_in_process(main, backlog[first], backlog[~first])
+        out["readings_per_s"] = round(int((~first).sum()) / seconds, 1)
         out["throughput_seconds"] = round(seconds, 3)
 
         progress(f"latency: {rate:,.0f} readings/s for {latency_seconds:g} s ...")

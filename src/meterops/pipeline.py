@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -290,6 +291,20 @@ class Worker:
             self._watcher = None
 
     @property
+    def _compiled_dir(self) -> Path:
+        from meterops.models.compiled import cache_dir
+
+        return cache_dir()
+
+    def warm(self, timeout: float = 600.0) -> bool:
+        """Wait until the champion's compiled predictors serve (or compiling gave up).
+
+        For benchmarks and demos that want steady-state numbers; scoring never waits.
+        """
+        compiled = None if self._scorer is None else self._scorer.compiled
+        return True if compiled is None else bool(compiled.wait(timeout))
+
+    @property
     def model(self) -> str | None:
         """The label of the champion this worker scores with (None: not scoring)."""
         return None if self._scorer is None else str(self._scorer.label)
@@ -319,7 +334,7 @@ class Worker:
         from meterops.stream import ChampionScorer
 
         try:
-            self._scorer = ChampionScorer(loaded, self.settings.scoring)
+            self._scorer = ChampionScorer(loaded, self.settings.scoring, self._compiled_dir)
         except ConfigError as exc:
             log.warning("%s; readings are stored unscored", exc)
             self._scorer = None
@@ -337,7 +352,9 @@ class Worker:
         if self._assignment and self._scorer is not None:
             from meterops.stream import ChampionScorer
 
-            self._scorer = ChampionScorer(self._scorer.loaded, self.settings.scoring)
+            self._scorer = ChampionScorer(
+                self._scorer.loaded, self.settings.scoring, self._compiled_dir
+            )
         if self._online is not None:
             self._online.drop(f"{t}/{p}" for t, p in owned)
         self._assignment = owned

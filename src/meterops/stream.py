@@ -24,7 +24,9 @@ its recent readings (as many slots as the deepest feature reads) are loaded
 before the batch is scored. The buffers are therefore always "the last
 readings in the store", whichever worker wrote them, which is what keeps a
 restarted or rebalanced worker's features right without any checkpoint of its
-own. :class:`ChampionWatcher` polls the registry's ``champion`` alias in a
+own. Given a ``compiled_dir``, the champion's boosters are compiled to
+native code in the background (:mod:`meterops.models.compiled`) and serve
+once ready. :class:`ChampionWatcher` polls the registry's ``champion`` alias in a
 thread and hands a newly promoted model to the worker, which switches between
 two micro-batches (hot reload, no restart).
 """
@@ -46,6 +48,7 @@ import pyarrow as pa
 from meterops.errors import ConfigError, MeterOpsError
 from meterops.features import FeatureState, resolve_horizon
 from meterops.models.base import Forecaster
+from meterops.models.compiled import CompiledBoosters
 from meterops.models.gbm import GBMForecaster
 from meterops.settings import ScoringSettings, Settings
 from meterops.store.base import RecentReadings
@@ -77,7 +80,9 @@ class ChampionScorer:
     readings unscored.
     """
 
-    def __init__(self, loaded: LoadedModel, scoring: ScoringSettings) -> None:
+    def __init__(
+        self, loaded: LoadedModel, scoring: ScoringSettings, compiled_dir: Path | None = None
+    ) -> None:
         model = loaded.model
         if not isinstance(model, GBMForecaster):
             raise ConfigError(
@@ -108,6 +113,10 @@ class ChampionScorer:
         self.state = FeatureState(
             model.spec_, self.freq, depth, model.covariates_, origin=model.origin_
         )
+        self.compiled: CompiledBoosters | None = None
+        if compiled_dir is not None:
+            wanted = {*served.values(), *([self.anomaly_horizon] if self.anomaly_horizon else [])}
+            self.compiled = CompiledBoosters({g: model.boosters_[g] for g in wanted}, compiled_dir)
         self._primed: set[str] = set()
         self._carry: tuple[pd.MultiIndex, Floats] | None = None  # last 1-step forecast per meter
 
@@ -142,7 +151,8 @@ class ChampionScorer:
 
     def _forecast(self, ids: npt.NDArray[Any], target: pd.Series, g: int) -> Floats:
         x = self.state.feature_matrix(ids, target, g)
-        return self.model.predict_matrix(ids, x, g, self.state.names(g))
+        fast = None if self.compiled is None else self.compiled.get(g)
+        return self.model.predict_matrix(ids, x, g, self.state.names(g), fast)
 
     def score(
         self,

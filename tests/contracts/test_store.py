@@ -465,6 +465,25 @@ class TestScoredContract:
         assert store.checkpoint("online") == newer[0]
         assert store.checkpoint("features") == Checkpoint("features", b"", {})
 
+    def test_checkpoints_by_prefix_are_exact_and_in_name_order(self, store: Store) -> None:
+        assert store.checkpoints("online/g_1/") == []
+        saved = (
+            Checkpoint("online/g_1/readings/1", b"b", {"readings/1": 7}),
+            Checkpoint("online/g_1/readings/0", b"a", {"readings/0": 3}),
+            Checkpoint("online/gx1/readings/0", b"wildcard", {}),  # "_" is not a wildcard
+            Checkpoint("online/G_1/readings/0", b"case", {}),  # nor is the case ignored
+            Checkpoint("online/g_1", b"shorter", {}),
+            Checkpoint("features", b"", {}),
+        )
+        store.write(ReadingBatch.empty(), NO_DEAD, {}, scored=scored(checkpoints=saved))
+        got = store.checkpoints("online/g_1/")
+        assert [cp.name for cp in got] == ["online/g_1/readings/0", "online/g_1/readings/1"]
+        assert got[0] == saved[1] and got[1] == saved[0]
+        newer = (Checkpoint("online/g_1/readings/1", b"b2", {"readings/1": 9}),)
+        store.write(ReadingBatch.empty(), NO_DEAD, {}, scored=scored(checkpoints=newer))
+        assert store.checkpoints("online/g_1/")[1] == newer[0]
+        assert len(store.checkpoints("")) == len(saved)
+
     def test_online_metrics_are_idempotent_filtered_and_oldest_first(self, store: Store) -> None:
         store.write(ReadingBatch.empty(), NO_DEAD, {}, scored=scored(online=metrics([0, 100])))
         store.write(

@@ -134,7 +134,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -162,6 +162,7 @@ from meterops.models.base import (
     window,
 )
 from meterops.models.baselines import NaiveForecaster, Persistence, SeasonalNaive
+from meterops.models.compiled import Predictor
 from meterops.settings import parse_duration
 
 __all__ = ["DayAheadModel", "GBMForecaster"]
@@ -856,6 +857,7 @@ class GBMForecaster(Forecaster):
         features: np.ndarray,
         horizon: int,
         names: Sequence[str],
+        predictors: Mapping[str, Predictor] | None = None,
     ) -> np.ndarray:
         """Forecasts ``(n, 4)`` = yhat, q10, q50, q90 from raw feature rows (the stream's path).
 
@@ -863,7 +865,9 @@ class GBMForecaster(Forecaster):
         the fitted horizon ``horizon`` (columns ``names``, the plan's order).
         Meters unseen at fit time are standardised by their own longest rolling
         mean and std (from ``features``), so a new meter gets the global model
-        rather than nothing; a row with no level at all gets NaN.
+        rather than nothing; a row with no level at all gets NaN. ``predictors``
+        (compiled copies of the horizon's boosters, :mod:`.compiled`) replace
+        LightGBM's predictor when given.
         """
         plan = self.plans_[horizon]
         if list(names) != list(plan.names):
@@ -885,7 +889,10 @@ class GBMForecaster(Forecaster):
         z = x.astype(np.float32)
         z[:, level] = ((x[:, level] - loc[:, None]) / scale[:, None]).astype(np.float32)
         z[:, spread] = (x[:, spread] / scale[:, None]).astype(np.float32)
-        raw = self._raw(self.boosters_[horizon], z)
+        if predictors is None:
+            raw = self._raw(self.boosters_[horizon], z)
+        else:
+            raw = {t: predict(z) for t, predict in predictors.items()}
         shifts = self.shifts_[horizon]
         out = np.column_stack([(raw[t] + shifts.get(t, 0.0)) * scale + loc for t in _TARGETS])
         q = out[:, 1:]

@@ -80,7 +80,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -394,22 +394,23 @@ class OnlineForecaster(Forecaster):
         for g in groups:
             snap = self._snaps[g] if g >= 0 else self._untrained()
             part: Any = slice(None) if len(groups) == 1 else which == g
-            loc, scale, level = rows.loc[part], rows.scale[part], rows.level[part]
-            if snap.ready:
-                s = self._standardise(rows.z[part], snap.mean, snap.sd)
-                y = loc + scale * self._zhat(s, snap.mean, snap.sd, snap.coef)
-                y = np.where(rows.flat[part], loc, y)
-                y = np.where(np.isfinite(y) & rows.warm[part], y, level)
-            else:
-                y = level
-            default = snap.y_mean if math.isfinite(snap.y_mean) else 0.0
-            y = np.where(np.isnan(y), default, y)
-            spread = np.where(
-                np.isfinite(scale), scale, np.maximum(_REL_SCALE_FLOOR * np.abs(y), 1e-6)
-            )
-            yhat[part] = y
-            q[part] = y[:, None] + spread[:, None] * snap.rq[None, :]
+            yhat[part], q[part] = self._apply(snap, rows, part)
         return yhat, q
+
+    def _apply(self, snap: _Snapshot, rows: _Rows, part: Any) -> tuple[Floats, Floats]:
+        """Forecasts and quantiles of the rows ``part`` by the model of ``snap``."""
+        loc, scale, level = rows.loc[part], rows.scale[part], rows.level[part]
+        if snap.ready:
+            s = self._standardise(rows.z[part], snap.mean, snap.sd)
+            y = loc + scale * self._zhat(s, snap.mean, snap.sd, snap.coef)
+            y = np.where(rows.flat[part], loc, y)
+            y = np.where(np.isfinite(y) & rows.warm[part], y, level)
+        else:
+            y = level
+        default = snap.y_mean if math.isfinite(snap.y_mean) else 0.0
+        y = np.where(np.isnan(y), default, y)
+        spread = np.where(np.isfinite(scale), scale, np.maximum(_REL_SCALE_FLOOR * np.abs(y), 1e-6))
+        return y, y[:, None] + spread[:, None] * snap.rq[None, :]
 
     def _keep(self, mask: Bools, meters: int) -> tuple[float, float]:
         """Decay factor and steps of the rows ``mask`` of a batch from ``meters`` meters."""
@@ -574,6 +575,107 @@ class OnlineForecaster(Forecaster):
                 row[f"{prefix}persistence_mae"] = part[4] / m if m else None
             out.append(row)
         return out
+
+    def predict_matrix(self, x: Floats) -> Floats:
+        """Forecasts from raw feature rows by the model as it is now: ``(n, 4)`` yhat, q10-q90.
+
+        ``x`` holds the columns :attr:`names_` for the model's horizon, as
+        :meth:`FeatureState.feature_matrix <meterops.features.FeatureState.feature_matrix>`
+        gives them (so each row already reads only values at ``<= t - horizon``).
+        Every row is served by the latest learned state, whatever its time:
+        how a frozen model (a registry champion) serves a stream it no longer
+        learns from; nothing is stored or learned.
+        """
+        self._check_fitted()
+        raw = np.asarray(x, dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[1] != len(self.names_):
+            raise InputError(
+                f"expected a feature matrix with {len(self.names_)} columns, got {raw.shape}"
+            )
+        yhat, q = self._apply(self._snapshot(), self._rows(raw), slice(None))
+        return np.column_stack([yhat, q])
+
+    # ------------------------------------------------------------------ merging
+
+    @classmethod
+    def merge(cls, models: Sequence[OnlineForecaster]) -> OnlineForecaster:
+        """One model from learners that saw disjoint sets of meters over the same time.
+
+        How a fleet split over bus partitions (one learner each) becomes one
+        registry model. The learned state is a set of sufficient statistics,
+        so the merged model is what one learner fed every meter would have
+        learned, up to the small differences noted below:
+
+        * summed: the weighted sums ``X'WX`` and ``X'Wz`` (the features are
+          level-normalised, so meters of any size add up), the residual
+          histogram and ``rows_seen_``;
+        * ``steps_`` (decayed steps of the fleet) is *time*, not data: the
+          partitions learned the same time steps side by side, and one
+          learner fed all meters would have counted each step once. So it is
+          the row-weighted mean of the learners' ``steps_``, not their sum.
+          The persistence prior weighs ``_PRIOR_STEPS`` steps of whatever
+          fleet the sums hold: with the mean it is counted once for the
+          merged fleet (as each learner counted it for its own meters); the
+          sum would make the model look ``k`` times older and shrink the
+          prior ``k``-fold;
+        * ``res_ms_`` and ``y_mean_`` are running means: row-weighted means;
+        * ``learned_`` is the latest target slot any learner learned (on the
+          grid of the earliest origin): the merged state contains data up to
+          there, so no row before it may use it (no peeking);
+        * coefficients are re-solved from the summed statistics (averaging
+          the learners' coefficients would weight a partition of two meters
+          like one of two thousand and ignore how their features co-vary);
+          the past snapshots cannot be merged (they are solutions, not sums):
+          the merged model starts with the one snapshot of its own state;
+        * not reproduced: each learner down-weighted outliers (Huber) and
+          clipped features with its own running model, where one learner
+          would have used the shared one; the feature buffers start empty
+          (:meth:`observe` the recent readings before forecasting).
+
+        Raises :class:`InputError` when ``models`` is empty, holds an
+        unfitted model, or models that differ in hyper-parameters, data
+        frequency, horizon, covariates or grid phase (their sums would not
+        describe the same features).
+        """
+        if not models:
+            raise InputError("nothing to merge: no online models given")
+        first = models[0]
+        for m in models:
+            if not m.is_fitted:
+                raise InputError("cannot merge an online model that has learned nothing")
+            problem = _merge_mismatch(first, m)
+            if problem:
+                raise InputError(f"cannot merge online models with different {problem}")
+        origins = [int(m.origin_.value) if m.origin_ is not None else None for m in models]
+        known = [o for o in origins if o is not None]
+        origin = min(known) if known else None
+        merged = cls(**first.get_params())
+        merged._start(first.freq_, first.horizon_, first.covariates_)
+        length = max(int(m.state_.length) for m in models)
+        merged.state_.load_state_dict({"origin_ns": origin, "length": length})
+        weights = np.array([max(float(m.xtx_[0, 0]), 0.0) for m in models])
+        total = float(weights.sum())
+        share = weights / total if total > 0 else np.full(len(models), 1.0 / len(models))
+        merged.xtx_ = np.sum([m.xtx_ for m in models], axis=0)
+        merged.xtz_ = np.sum([m.xtz_ for m in models], axis=0)
+        merged.hist_ = np.sum([m.hist_ for m in models], axis=0)
+        merged.rows_seen_ = sum(int(m.rows_seen_) for m in models)
+        merged.steps_ = float(share @ np.array([m.steps_ for m in models]))
+        merged.res_ms_ = float(share @ np.array([m.res_ms_ for m in models]))
+        means = np.array([m.y_mean_ for m in models])
+        has = np.isfinite(means)
+        if has.any():
+            w = share[has] if share[has].sum() > 0 else np.ones(int(has.sum()))
+            merged.y_mean_ = float(w @ means[has] / w.sum())
+        learned = [
+            int(m.learned_) + (o - origin) // int(m.freq_.value)
+            for m, o in zip(models, origins, strict=True)
+            if int(m.learned_) != int(_NEVER) and o is not None and origin is not None
+        ]
+        merged.learned_ = max(learned) if learned else int(_NEVER)
+        merged._solve()
+        merged._push_snapshot()
+        return merged
 
     # ------------------------------------------------------------------ Forecaster API
 
@@ -767,6 +869,23 @@ class OnlineForecaster(Forecaster):
             for i in range(s)
         ]
         return model
+
+
+def _merge_mismatch(a: OnlineForecaster, b: OnlineForecaster) -> str:
+    """What keeps the learned sums of ``a`` and ``b`` from describing the same features."""
+    if a.get_params() != b.get_params():
+        diff = sorted(k for k, v in a.get_params().items() if b.get_params().get(k) != v)
+        return f"hyper-parameters ({', '.join(diff)})"
+    if a.freq_ != b.freq_:
+        return f"data frequency ({a.freq_} vs {b.freq_})"
+    if a.horizon_ != b.horizon_:
+        return f"horizon ({a.horizon_} vs {b.horizon_} steps)"
+    if a.covariates_ != b.covariates_ or a.names_ != b.names_:
+        return f"covariates ({list(a.covariates_)} vs {list(b.covariates_)})"
+    apart = 0 if a.origin_ is None or b.origin_ is None else a.origin_.value - b.origin_.value
+    if apart % a.freq_.value:
+        return f"grid phase (origins {a.origin_} and {b.origin_})"
+    return ""
 
 
 def _cross(a: Floats, b: Floats) -> Floats:

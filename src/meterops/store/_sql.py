@@ -631,6 +631,21 @@ class StreamReads:
             return empty_frame(ONLINE_METRIC_SCHEMA)
         return typed_frame(frame, ONLINE_METRIC_SCHEMA)
 
+    def checkpoints(self, prefix: str) -> list[Checkpoint]:
+        # substr, not LIKE: LIKE is case-insensitive in SQLite and reads "_" and "%" as wildcards
+        mark = self.param  # fixed clause; values are bound parameters
+        clause = f"substr(name, 1, CAST({mark} AS INTEGER)) = {mark}"
+        frame = self._frame(
+            f"SELECT name, state, offsets FROM checkpoints WHERE {clause}",  # noqa: S608
+            [len(prefix), prefix],
+            ["name", "state", "offsets"],
+        )
+        found = [
+            checkpoint_from(str(n), bytes(s), str(o))
+            for n, s, o in zip(frame["name"], frame["state"], frame["offsets"], strict=True)
+        ]
+        return sorted(found, key=lambda cp: cp.name)  # code-point order on every database
+
 
 def returned_keys(found: Sequence[Sequence[Any]], column: str, kind: pa.DataType) -> pa.Table:
     """The ``(meter_id, column)`` rows an ``INSERT ... RETURNING`` gave back, as a table."""

@@ -245,6 +245,15 @@ class Store(ABC):
         """The last checkpoint saved under ``name``, or None."""
 
     @abstractmethod
+    def checkpoints(self, prefix: str) -> list[Checkpoint]:
+        """The last checkpoint of every name starting with ``prefix`` (exact, case-sensitive).
+
+        In name order. How one process gathers the state of a whole consumer
+        group (e.g. every partition's online learner, ``online/{group}/``)
+        without knowing the partitions in advance.
+        """
+
+    @abstractmethod
     def register_meters(self, meter_ids: Sequence[str]) -> None:
         """Declare meters (needed when validation requires registration)."""
 
