@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,7 +56,15 @@ from meterops.types import (
 )
 from meterops.validate import validate
 
-__all__ = ["BatchStats", "Pipeline", "Worker", "WorkerTotals", "commit_map"]
+__all__ = [
+    "BatchStats",
+    "Pipeline",
+    "Worker",
+    "WorkerTotals",
+    "commit_map",
+    "retrying",
+    "store_prepared",
+]
 
 log = logging.getLogger("meterops.worker")
 _T = TypeVar("_T")
@@ -259,6 +268,9 @@ class Worker:
         self._scorer: Any = None
         self._online: Any = None
         self._assignment: frozenset[tuple[str, int]] = frozenset()
+        self._writer: _Writer | None = None
+        self._online_log: Any = None
+        self._pending: tuple[Future[BatchStats], list[Message], float] | None = None
 
     def _open(self) -> Consumer:
         if self._consumer is None:
@@ -272,8 +284,13 @@ class Worker:
         """Champion watcher and online learners (optional parts: missing extras disable them)."""
         from meterops.online_stream import OnlineLearners
 
-        if self.settings.scoring.online:
-            self._online = OnlineLearners(self.pipeline.store, self.settings.worker.group)
+        scoring, group = self.settings.scoring, self.settings.worker.group
+        if scoring.online:
+            self._online = OnlineLearners(self.pipeline.store, group)
+            if scoring.online_registry_every > 0:
+                from meterops.online_registry import OnlineRegistryLog
+
+                self._online_log = OnlineRegistryLog(self.settings, self.pipeline.store, group)
         try:
             from meterops.stream import ChampionWatcher
         except ImportError as exc:  # the registry extra is not installed
@@ -283,12 +300,18 @@ class Worker:
         self._watcher.start()
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._online_log is not None:
+            self._online_log.close()
+            self._online_log = None
 
     @property
     def _compiled_dir(self) -> Path:
@@ -301,7 +324,7 @@ class Worker:
 
         For benchmarks and demos that want steady-state numbers; scoring never waits.
         """
-        compiled = None if self._scorer is None else self._scorer.compiled
+        compiled = getattr(self._scorer, "compiled", None)  # GBM champions only
         return True if compiled is None else bool(compiled.wait(timeout))
 
     @property
@@ -331,10 +354,10 @@ class Worker:
         loaded = self._watcher.take()
         if loaded is None:
             return
-        from meterops.stream import ChampionScorer
+        from meterops.stream_online import make_scorer
 
         try:
-            self._scorer = ChampionScorer(loaded, self.settings.scoring, self._compiled_dir)
+            self._scorer = make_scorer(loaded, self.settings.scoring, self._compiled_dir)
         except ConfigError as exc:
             log.warning("%s; readings are stored unscored", exc)
             self._scorer = None
@@ -350,9 +373,9 @@ class Worker:
         if owned == self._assignment:
             return
         if self._assignment and self._scorer is not None:
-            from meterops.stream import ChampionScorer
+            from meterops.stream_online import make_scorer
 
-            self._scorer = ChampionScorer(
+            self._scorer = make_scorer(
                 self._scorer.loaded, self.settings.scoring, self._compiled_dir
             )
         if self._online is not None:
@@ -427,31 +450,7 @@ class Worker:
 
     def write(self, prepared: Prepared) -> BatchStats:
         """Store a prepared micro-batch in one transaction, then lake and topics."""
-        started = time.perf_counter()
-        store = self.pipeline.store
-        result = store.write(
-            prepared.good, prepared.dead, prepared.lineage, prepared.origins, prepared.scored
-        )
-        new_rows = prepared.good.filter(pa.array(result.new_mask))
-        self.pipeline.lake.write(new_rows, result.batch_id)
-        store.lake_done(result.batch_id)
-        if prepared.dead.num_rows:
-            self.pipeline.producer.send(DEADLETTERS, prepared.dead)
-        anomalies = 0
-        if prepared.scored is not None:
-            if prepared.scored.predictions.num_rows:
-                self.pipeline.producer.send(PREDICTIONS, prepared.scored.predictions)
-            anomalies = int(np.count_nonzero(prepared.scored.scores.column("is_anomaly")))
-        return BatchStats(
-            rows=prepared.rows,
-            stored=result.inserted,
-            duplicates=prepared.duplicates + result.duplicates,
-            deadletters=result.deadletters,
-            seconds=time.perf_counter() - started,
-            predictions=result.predictions,
-            anomalies=anomalies,
-            model=prepared.model,
-        )
+        return store_prepared(self.pipeline, prepared)
 
     def process(self, messages: list[Message]) -> BatchStats:
         """Validate, score and store one micro-batch; the caller commits afterwards."""
@@ -479,25 +478,22 @@ class Worker:
         started = time.perf_counter()
         prepared = self._retrying("score", lambda: self.prepare(messages))
         stats = self._retrying("store", lambda: self.write(prepared))
-        self._retrying("commit", lambda: self._open().commit(commit_map(messages)))
+        self._committed(messages)
         stats = _with_seconds(stats, time.perf_counter() - started)
         self.totals.add(stats)
         return stats
 
+    def _committed(self, messages: list[Message]) -> None:
+        """Commit the offsets of stored messages; then the online model may go to the registry."""
+        self._retrying("commit", lambda: self._open().commit(commit_map(messages)))
+        if self._online_log is not None:
+            self._online_log.maybe_log({f"{t}/{p}" for t, p in self._assignment})
+
     def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
-        delay, waited = 0.1, 0.0
-        while True:
-            try:
-                return call()
-            except Unavailable as exc:
-                if waited >= self.settings.worker.retry_for:
-                    raise
-                pause = delay
-                log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, pause)
-                self.retries += 1
-                time.sleep(pause)
-                waited += pause
-                delay = min(delay * 2, 10.0)
+        return retrying(self.settings.worker.retry_for, what, call, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.retries += 1
 
     def run(
         self,
@@ -505,20 +501,165 @@ class Worker:
         stop: threading.Event | None = None,
         on_batch: Callable[[BatchStats, WorkerTotals], None] | None = None,
     ) -> WorkerTotals:
-        """Process until ``stop`` is set, or until nothing is waiting with ``until_idle``."""
+        """Process until ``stop`` is set, or until nothing is waiting with ``until_idle``.
+
+        Pipelined: while micro-batch ``k`` is written (store, lake, topics) by
+        a writer thread with its own connections (:class:`_Writer`), batch
+        ``k + 1`` is polled and scored here; ``k``'s offsets are committed once its write
+        returned, so the bus commit still follows the store, batch by batch
+        and in order. Anything that makes the worker read back what it wrote
+        (a new champion, a rebalance: both rebuild feature buffers from the
+        store) first waits for the pending write. A store that other
+        connections cannot see (SQLite ``:memory:``) runs one batch at a time.
+        """
         stop = stop or threading.Event()
+        report = on_batch or (lambda _stats, _totals: None)
+        pipelined = ":memory:" not in self.settings.backends.store
         try:
             while not stop.is_set():
-                stats = self.step()
-                if stats is None:
-                    if until_idle:
+                if not pipelined:
+                    stats = self.step()
+                    if stats is not None:
+                        report(stats, self.totals)
+                    elif until_idle:
                         break
                     continue
-                if on_batch is not None:
-                    on_batch(stats, self.totals)
+                if not self._step_pipelined(report) and until_idle:
+                    break
         finally:
-            self.close()
+            try:
+                self._settle(report)
+            finally:
+                self.close()
         return self.totals
+
+    def _step_pipelined(self, report: Callable[[BatchStats, WorkerTotals], None]) -> bool:
+        """Poll and score one micro-batch and hand it to the writer; False when idle."""
+        wait = self.settings.worker.poll_timeout
+        messages = self._retrying(
+            "poll", lambda: self._open().poll(self.settings.worker.batch_rows, wait)
+        )
+        if not messages or self._state_changes():
+            self._settle(report)
+        self._switch_champion()
+        if not messages:
+            return False
+        self._follow_assignment()
+        started = time.perf_counter()
+        prepared = self._retrying("score", lambda: self.prepare(messages))
+        self._settle(report)
+        if self._writer is None:
+            self._writer = _Writer(self.settings, self._count_retry)
+        self._pending = (self._writer.submit(prepared), messages, started)
+        return True
+
+    def _state_changes(self) -> bool:
+        """A champion switch or a rebalance is due (they read the store back)."""
+        if self._watcher is not None and self._watcher.waiting:
+            return True
+        consumer = self._consumer
+        return consumer is not None and frozenset(consumer.assignment()) != self._assignment
+
+    def _settle(self, report: Callable[[BatchStats, WorkerTotals], None]) -> None:
+        """Wait for the pending write, then commit its offsets (here: the consumer's thread)."""
+        if self._pending is None:
+            return
+        future, messages, started = self._pending
+        self._pending = None
+        stats = future.result()
+        self._committed(messages)
+        stats = _with_seconds(stats, time.perf_counter() - started)
+        self.totals.add(stats)
+        report(stats, self.totals)
+
+
+def store_prepared(pipe: Pipeline, prepared: Prepared) -> BatchStats:
+    """Store a prepared micro-batch with ``pipe``'s connections: one store transaction,
+    then the lake and the topics."""
+    started = time.perf_counter()
+    store = pipe.store
+    result = store.write(
+        prepared.good, prepared.dead, prepared.lineage, prepared.origins, prepared.scored
+    )
+    new_rows = prepared.good.filter(pa.array(result.new_mask))
+    pipe.lake.write(new_rows, result.batch_id)
+    store.lake_done(result.batch_id)
+    if prepared.dead.num_rows:
+        pipe.producer.send(DEADLETTERS, prepared.dead)
+    anomalies = 0
+    if prepared.scored is not None:
+        if prepared.scored.predictions.num_rows:
+            pipe.producer.send(PREDICTIONS, prepared.scored.predictions)
+        anomalies = int(np.count_nonzero(prepared.scored.scores.column("is_anomaly")))
+    return BatchStats(
+        rows=prepared.rows,
+        stored=result.inserted,
+        duplicates=prepared.duplicates + result.duplicates,
+        deadletters=result.deadletters,
+        seconds=time.perf_counter() - started,
+        predictions=result.predictions,
+        anomalies=anomalies,
+        model=prepared.model,
+    )
+
+
+def retrying(
+    retry_for: float, what: str, call: Callable[[], _T], on_retry: Callable[[], None] = lambda: None
+) -> _T:
+    """``call()``, retried with exponential backoff while it raises :class:`Unavailable`."""
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return call()
+        except Unavailable as exc:
+            if waited >= retry_for:
+                raise
+            pause = delay
+            log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, pause)
+            on_retry()
+            time.sleep(pause)
+            waited += pause
+            delay = min(delay * 2, 10.0)
+
+
+class _Writer:
+    """Writes prepared micro-batches in order, in one thread with its own connections.
+
+    Its own :class:`Pipeline` because connections are not shared across
+    threads (SQLite's are bound to theirs); they are opened and closed in
+    the writer thread. The overlap comes from the time the database, the
+    lake and the bus spend outside the GIL: small on the embedded backends
+    with 2 cores (both threads are mostly Python and NumPy; a writer
+    process was tried and its start-up and pickling ate the gain), larger
+    with PostgreSQL and Kafka, where a write waits on the network.
+    """
+
+    def __init__(self, settings: Settings, on_retry: Callable[[], None]) -> None:
+        self.settings = settings
+        self.on_retry = on_retry
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterops-writer")
+        self._pipe: Pipeline | None = None
+
+    def submit(self, prepared: Prepared) -> Future[BatchStats]:
+        return self._pool.submit(self._write, prepared)
+
+    def _write(self, prepared: Prepared) -> BatchStats:
+        if self._pipe is None:
+            self._pipe = Pipeline(self.settings)
+        pipe = self._pipe
+        retry_for = self.settings.worker.retry_for
+        return retrying(retry_for, "store", lambda: store_prepared(pipe, prepared), self.on_retry)
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+
+    def close(self) -> None:
+        try:
+            self._pool.submit(self._close_pipe).result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _with_seconds(stats: BatchStats, seconds: float) -> BatchStats:

@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -758,6 +759,7 @@ class Registry:
         *,
         backtest: BacktestInfo | None = None,
         lineage: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> int:
         """Log one training run, register its model and give it the ``challenger`` alias.
 
@@ -766,7 +768,9 @@ class Registry:
         metrics dict (``rmse``, ``mae``, ...; ``None`` values skipped);
         ``data_range`` holds ``start``, ``end``, ``rows``, ``meters``;
         ``backtest`` ties the metrics to their data and folds (without it the
-        gate must re-run the backtest). Returns the new version number.
+        gate must re-run the backtest); ``tags`` are extra tags
+        ``meterops.<key>`` of the run and the version (the ones above win;
+        :meth:`latest` finds versions by them). Returns the new version number.
         """
         mlflow = _mlflow()
         from mlflow.entities import Metric, Param, RunTag
@@ -795,7 +799,8 @@ class Registry:
             Metric("energy_kwh", float(emissions.energy_kwh), stamp, 0),
             Metric("train_seconds", float(emissions.duration_s), stamp, 0),
         ]
-        tags = {
+        extra = {f"{_TAG}{k}": str(v) for k, v in (tags or {}).items()}
+        tags = extra | {
             f"{_TAG}model": name,
             f"{_TAG}recipe": json.dumps({"model": name, "params": recipe}),
             f"{_TAG}fingerprint": fingerprint,
@@ -848,7 +853,7 @@ class Registry:
             client.set_terminated(run_id)
             source = f"{run.info.artifact_uri}/model"
             mv = client.create_model_version(
-                self.model_name, source=source, run_id=run_id, tags={f"{_TAG}model": name}
+                self.model_name, source=source, run_id=run_id, tags=extra | {f"{_TAG}model": name}
             )
             version = int(mv.version)
             client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
@@ -914,6 +919,42 @@ class Registry:
                     )
                 )
         return sorted(out, key=lambda v: -v.version)
+
+    def latest(self, model: str, tags: Mapping[str, str] | None = None) -> ModelVersion | None:
+        """The newest version of family ``model`` whose tags ``meterops.<key>`` equal ``tags``.
+
+        Reads versions newest first and stops at the first match (the filter
+        on ``tags`` is applied here, so any value is safe to match on).
+        ``metrics`` and ``aliases`` of the result are not filled in.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", model):
+            raise ConfigError(f"not a model family name: {model!r}")
+        wanted = {f"{_TAG}{k}": str(v) for k, v in (tags or {}).items()}
+        query = f"name = '{self.model_name}' AND tags.`{_TAG}model` = '{model}'"
+        token: str | None = None
+        with self._calls(f"search {model} model versions"):
+            while True:
+                page = self.client.search_model_versions(
+                    query, max_results=100, order_by=["version_number DESC"], page_token=token
+                )
+                for mv in page:
+                    if all(mv.tags.get(k) == v for k, v in wanted.items()):
+                        created = pd.Timestamp(int(mv.creation_timestamp), unit="ms", tz="UTC")
+                        return ModelVersion(
+                            version=int(mv.version),
+                            aliases=(),
+                            created=created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            run_id=str(mv.run_id or ""),
+                            metrics={},
+                            tags={
+                                k.removeprefix(_TAG): v
+                                for k, v in mv.tags.items()
+                                if k.startswith(_TAG)
+                            },
+                        )
+                token = page.token
+                if not token:
+                    return None
 
     def load(self, alias_or_version: str | int = CHAMPION) -> Forecaster:
         """The model of a version number (``3``, ``"v3"``) or alias (``"champion"``).

@@ -136,6 +136,9 @@ class ScoringSettings(_Section):
     interval-widths-in-sigmas from its one-step forecast. ``reload_every`` is
     how often (seconds) the champion alias is checked; ``online`` runs the
     online model prequentially per micro-batch (one learner per partition).
+    ``online_registry_every`` is how often (seconds) the learners, merged,
+    are logged to the registry as an ``online`` challenger and put through
+    the champion gate (``0``: never); see :mod:`meterops.online_registry`.
     """
 
     enabled: bool = True
@@ -143,6 +146,7 @@ class ScoringSettings(_Section):
     anomaly_threshold: float = Field(4.0, gt=0)
     reload_every: float = Field(1.0, gt=0)
     online: bool = True
+    online_registry_every: float = Field(3600.0, ge=0)
 
     @field_validator("horizons")
     @classmethod
@@ -328,6 +332,8 @@ horizons = ["1", "24h"]   # forecasts per reading: steps or durations
 anomaly_threshold = 4.0   # flag readings this many sigmas (from the 80 % interval) off
 reload_every = 1.0        # seconds between checks of the champion alias (hot reload)
 online = true             # online model learns per micro-batch (prequential metrics)
+online_registry_every = 3600  # seconds between registry versions of the merged online
+                              # model (then the champion gate; 0 = never log it)
 
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files

@@ -54,12 +54,12 @@ from meterops.settings import ScoringSettings, Settings
 from meterops.store.base import RecentReadings
 from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
 
-__all__ = ["ChampionScorer", "ChampionWatcher", "LoadedModel"]
+__all__ = ["SIGMAS_80", "ChampionScorer", "ChampionWatcher", "LoadedModel"]
 
 log = logging.getLogger("meterops.stream")
 
 Floats = npt.NDArray[np.float64]
-_SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
+SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ class ChampionScorer:
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
         out = self._expected(ids, ts, one_step)
         expected = out[:, 0]
-        sigma = (out[:, 3] - out[:, 1]) / _SIGMAS_80
+        sigma = (out[:, 3] - out[:, 1]) / SIGMAS_80
         with np.errstate(invalid="ignore", divide="ignore"):
             z = np.abs(y - expected) / sigma
         ok = np.isfinite(z) & (sigma > 0)
@@ -345,6 +345,12 @@ class ChampionWatcher:
                 self.check()
             except Exception as exc:  # the watcher must outlive any registry error
                 log.warning("champion check failed: %s", exc, exc_info=True)
+
+    @property
+    def waiting(self) -> bool:
+        """A newly loaded champion waits to be taken."""
+        with self._lock:
+            return self._pending is not None
 
     def take(self) -> LoadedModel | None:
         with self._lock:

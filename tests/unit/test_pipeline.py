@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+import meterops.pipeline as pipeline_module
 from meterops.bus.base import READINGS
 from meterops.errors import Unavailable
 from meterops.pipeline import Pipeline
@@ -112,15 +113,23 @@ def test_lake_is_readable_by_duckdb_polars_and_pandas(settings: Settings) -> Non
 
 
 class FlakyStore:
-    """A store whose first ``failures`` writes fail as if the server were down."""
+    """A store whose writes fail as if the server were down, ``budget["left"]`` times.
 
-    def __init__(self, inner: object, failures: int) -> None:
+    The budget is shared by every store the pipeline opens: the worker's own
+    and its writer thread's.
+    """
+
+    def __init__(self, inner: object, budget: dict[str, int]) -> None:
         self.inner = inner
-        self.failures = failures
+        self.budget = budget
+
+    def open(self) -> FlakyStore:
+        self.inner.open()  # type: ignore[attr-defined]
+        return self
 
     def write(self, *args: object, **kwargs: object) -> object:
-        if self.failures:
-            self.failures -= 1
+        if self.budget["left"]:
+            self.budget["left"] -= 1
             raise Unavailable("connection refused (test)", retry_after=0.01)
         return self.inner.write(*args, **kwargs)  # type: ignore[attr-defined]
 
@@ -128,12 +137,18 @@ class FlakyStore:
         return getattr(self.inner, name)
 
 
+def flaky_stores(monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    budget = {"left": failures}
+    real = pipeline_module.make_store
+    monkeypatch.setattr(pipeline_module, "make_store", lambda s: FlakyStore(real(s), budget))
+
+
 def test_an_unavailable_store_is_retried_with_backoff_and_nothing_is_lost(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    flaky_stores(monkeypatch, failures=3)
     with Pipeline(settings) as pipe:
         list(pipe.publish([readings(meters=5, steps=10)]))
-        pipe._store = FlakyStore(pipe.store, failures=3)  # type: ignore[assignment]
         worker = pipe.worker()
         totals = worker.run(until_idle=True)
         assert worker.retries == 3
@@ -141,11 +156,13 @@ def test_an_unavailable_store_is_retried_with_backoff_and_nothing_is_lost(
         assert pipe.status()["lag"] == 0
 
 
-def test_the_worker_gives_up_after_retry_for(make_settings: Callable[..., Settings]) -> None:
+def test_the_worker_gives_up_after_retry_for(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = make_settings(worker={"poll_timeout": 0.05, "retry_for": 0.2})
+    flaky_stores(monkeypatch, failures=1000)
     with Pipeline(settings) as pipe:
         list(pipe.publish([readings(meters=1, steps=2)]))
-        pipe._store = FlakyStore(pipe.store, failures=1000)  # type: ignore[assignment]
         with pytest.raises(Unavailable):
             pipe.worker().run(until_idle=True)
         assert pipe.status()["lag"] == 2  # nothing committed: it will be redelivered

@@ -184,6 +184,10 @@ def _transient(code: int) -> bool:
         ke.NETWORK_EXCEPTION,
         ke.BROKER_NOT_AVAILABLE,
         ke.NOT_ENOUGH_REPLICAS,
+        # right after a topic is created its partition leaders are still being
+        # elected: an offset lookup can meet an epoch the broker has not caught up with
+        ke.UNKNOWN_LEADER_EPOCH,
+        ke.FENCED_LEADER_EPOCH,
         # A broker that just restarted is "fenced" for a moment and topic
         # creation fails with this; a truly too-high replication factor then
         # fails once the worker's retry_for runs out.

@@ -52,7 +52,7 @@ shared model neither serves nor learns the row and the forecast is persistence (
 else the most recent level feature of the row, else the running mean of the
 values seen, else ``0.0`` (a meter never seen before any learning).
 
-Two ways to use it:
+Three ways to use it:
 
 * the stream: ``predict_many`` / ``learn_many`` / ``predict_learn_many`` /
   ``prequential`` per micro-batch, ``observe`` to refill the feature buffers
@@ -63,7 +63,11 @@ Two ways to use it:
   of ``replay_batch``; :meth:`~OnlineForecaster.predict` goes on from there
   (learning as it forecasts, as in the stream), or replays the whole frame
   from scratch when asked for slots the model has already learned or for
-  another horizon than its own.
+  another horizon than its own;
+* a fleet split over partitions: :meth:`~OnlineForecaster.merge` makes one
+  model of the per-partition learners (their summed statistics), which
+  :meth:`~OnlineForecaster.predict_matrix` serves frozen as a stream
+  champion (:mod:`meterops.online_registry`, :mod:`meterops.stream_online`).
 
 >>> import numpy as np, pandas as pd
 >>> ts = pd.date_range("2024-01-01", periods=96, freq="h", tz="UTC")
@@ -628,9 +632,12 @@ class OnlineForecaster(Forecaster):
           the past snapshots cannot be merged (they are solutions, not sums):
           the merged model starts with the one snapshot of its own state;
         * not reproduced: each learner down-weighted outliers (Huber) and
-          clipped features with its own running model, where one learner
-          would have used the shared one; the feature buffers start empty
-          (:meth:`observe` the recent readings before forecasting).
+          clipped features with its own running model, and its residual
+          histogram and ``res_ms_`` hold the errors of its own forecasts,
+          where one learner would have used the shared model (forecasts
+          agree to a fraction of a percent, intervals to about one); the
+          feature buffers start empty (:meth:`observe` the recent readings
+          before forecasting).
 
         Raises :class:`InputError` when ``models`` is empty, holds an
         unfitted model, or models that differ in hyper-parameters, data

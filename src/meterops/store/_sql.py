@@ -215,6 +215,51 @@ _MIGRATIONS: list[str] = [
         updated_at {int} NOT NULL
     );
     """,
+    # 3: the stream tables keyed time first. A micro-batch holds a few time steps of
+    # every meter; keyed meter first, its rows landed on a page per meter (1,000
+    # meters: thousands of pages rewritten per batch, whatever its size), keyed time
+    # first they are neighbours. Measured on SQLite, 1,000 meters x 1 step per batch:
+    # 19 -> 3 us per row. Readings stay meter first: they are read per meter.
+    """
+    CREATE TABLE predictions_by_time (
+        meter_id {key_text} NOT NULL,
+        ts {int} NOT NULL,
+        horizon {int} NOT NULL,
+        target_ts {int} NOT NULL,
+        yhat {real},
+        q10 {real},
+        q50 {real},
+        q90 {real},
+        model TEXT,
+        source TEXT,
+        "offset" {int},
+        scored_at {int},
+        actual {real},
+        PRIMARY KEY (ts, meter_id, horizon)
+    ){keyed_table};
+    INSERT INTO predictions_by_time SELECT meter_id, ts, horizon, target_ts, yhat, q10, q50,
+        q90, model, source, "offset", scored_at, actual FROM predictions;
+    DROP TABLE predictions;
+    ALTER TABLE predictions_by_time RENAME TO predictions;
+    CREATE INDEX predictions_target ON predictions (target_ts, meter_id);
+    CREATE TABLE scores_by_time (
+        meter_id {key_text} NOT NULL,
+        ts {int} NOT NULL,
+        value {real},
+        expected {real},
+        score {real},
+        is_anomaly {int} NOT NULL,
+        model TEXT,
+        source TEXT,
+        "offset" {int},
+        scored_at {int},
+        PRIMARY KEY (ts, meter_id)
+    ){keyed_table};
+    INSERT INTO scores_by_time SELECT meter_id, ts, value, expected, score, is_anomaly, model,
+        source, "offset", scored_at FROM scores;
+    DROP TABLE scores;
+    ALTER TABLE scores_by_time RENAME TO scores;
+    """,
 ]
 
 
@@ -374,8 +419,8 @@ NOTHING_SCORED = Scored(
     PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table(), ONLINE_METRIC_SCHEMA.empty_table()
 )
 
-PREDICTION_KEY = ("meter_id", "ts", "horizon")
-SCORE_KEY = ("meter_id", "ts")
+PREDICTION_KEY = ("ts", "meter_id", "horizon")  # the tables' keys: time first (migration 3)
+SCORE_KEY = ("ts", "meter_id")
 
 
 def by_key(table: pa.Table, key: Sequence[str]) -> pa.Table:

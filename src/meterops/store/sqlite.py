@@ -10,8 +10,8 @@ What the stream scored goes in the same transaction, as plain tuples by
 ``executemany`` in key order, straight into the keyed tables (a temp table
 would only add a copy). Stored predictions waiting for a new reading get their
 actual by one ``UPDATE ... FROM _in`` through ``predictions_target`` (forced
-with ``INDEXED BY``: without statistics SQLite would walk the meter's whole
-primary-key range); new predictions get theirs as they are inserted, from the
+with ``INDEXED BY``: without statistics SQLite might scan the time-first
+primary key instead); new predictions get theirs as they are inserted, from the
 batch itself (an Arrow join) or, for the few inside a meter's stored span, from
 one primary-key lookup. A background thread copies the write-ahead log back
 into the database file (see :class:`_Checkpointer`).

@@ -1,0 +1,200 @@
+"""Stream scoring with an online champion: the same rows as :mod:`meterops.stream`, no learning.
+
+When the registry's champion is an :class:`~meterops.models.online.OnlineForecaster`
+(a merged version logged by :mod:`meterops.online_registry` and promoted by
+the gate), the worker scores with :class:`OnlineChampionScorer` instead of
+:class:`~meterops.stream.ChampionScorer`. Same interface, same rows, same
+rules, per reading ``(m, t)``:
+
+* a forecast for ``t + h`` for every configured horizon ``h`` the model can
+  serve from data ``<= t``: an online model forecasts its own horizon ``g``
+  steps ahead, so it serves every ``h <= g`` (from data ``<= t + h - g``,
+  older than needed, never newer; exactly what ``forecast`` does with it)
+  and skips longer horizons with a warning;
+* an anomaly score against the reading's own forecast made ``g`` steps
+  before it (``g = 1`` for the default model): ``z`` from the 80 % interval,
+  ``score = 1 - exp(-z^2 / 2)``, flagged when ``|z| > anomaly_threshold``.
+
+The champion does not learn here: it is the frozen version the registry
+holds (one model for the whole group, the same numbers on every worker);
+learning happens in the per-partition learners of
+:mod:`meterops.online_stream`, which reach the stream as a new champion when
+the gate promotes one. So every number depends only on the readings up to
+its anchor, never on how the stream was cut into micro-batches.
+
+Feature buffers are this scorer's own (one feature definition,
+:class:`~meterops.features.FeatureState`), primed from the store's recent
+readings the first time a meter appears, like the GBM scorer's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow as pa
+
+from meterops.errors import ConfigError
+from meterops.features import FeatureState, resolve_horizon
+from meterops.models.online import OnlineForecaster
+from meterops.settings import ScoringSettings
+from meterops.store.base import RecentReadings
+from meterops.stream import SIGMAS_80, ChampionScorer, LoadedModel
+from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
+
+__all__ = ["OnlineChampionScorer", "make_scorer"]
+
+log = logging.getLogger("meterops.stream")
+
+Floats = npt.NDArray[np.float64]
+
+
+class OnlineChampionScorer:
+    """Forecasts and anomaly scores of a frozen online champion for micro-batches of readings.
+
+    Raises :class:`ConfigError` for a model that is not a fitted
+    :class:`OnlineForecaster` (the worker then stores readings unscored).
+    """
+
+    def __init__(self, loaded: LoadedModel, scoring: ScoringSettings) -> None:
+        model = loaded.model
+        if not isinstance(model, OnlineForecaster) or not model.is_fitted:
+            raise ConfigError(
+                f"champion {loaded.label} is a {type(model).__name__}; this scorer serves"
+                " fitted OnlineForecaster champions"
+            )
+        self.loaded = loaded
+        self.model = model
+        self.threshold = scoring.anomaly_threshold
+        self.freq: pd.Timedelta = model.freq_
+        g = int(model.horizon_)
+        served: dict[int, int] = {}
+        for text in scoring.horizons:
+            h = resolve_horizon(text, self.freq)
+            if model.horizon_for_step(h) != g:
+                log.warning(
+                    "champion %s forecasts %d step(s) ahead; horizon %s (%d steps) skipped",
+                    loaded.label,
+                    g,
+                    text,
+                    h,
+                )
+                continue
+            served[h] = g
+        self.served = served
+        self.anomaly_horizon = model.horizon_for_step(1)
+        self.state = FeatureState(model.spec, self.freq, g, model.covariates_, origin=model.origin_)
+        self._primed: set[str] = set()
+
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    # ------------------------------------------------------------------ buffers
+
+    @property
+    def history_span(self) -> pd.Timedelta:
+        """How far back a meter's stored readings fill its feature buffers."""
+        return self.freq * (self.state.length + 1)
+
+    def prime(self, stored: RecentReadings, batch: ReadingBatch) -> int:
+        """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
+        meters = pd.unique(
+            np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
+        )
+        new = [str(m) for m in meters if m not in self._primed]
+        if not new:
+            return 0
+        ts = batch.table.column("ts").to_pandas()
+        frame = stored.get(new, ts.min() - self.history_span, ts.max())
+        if len(frame):
+            self.state.update(frame)
+        self._primed.update(new)
+        return len(frame)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _forecast(self, ids: npt.NDArray[Any], target: pd.Series, g: int) -> Floats:
+        """``(n, 4)``: yhat, q10, q50, q90 for ``target`` from data ``<= target - g``."""
+        return self.model.predict_matrix(self.state.feature_matrix(ids, target, g))
+
+    def score(
+        self,
+        good: ReadingBatch,
+        sources: npt.NDArray[Any],
+        offsets: npt.NDArray[np.int64],
+        now_us: int | None = None,
+    ) -> tuple[pa.Table, pa.Table]:
+        """Predictions (``PREDICTION_SCHEMA``) and scores (``SCORE_SCHEMA``) for ``good``.
+
+        ``sources``/``offsets`` are the readings' bus positions (aligned with
+        ``good``). The batch's readings enter the feature buffers first: a
+        forecast from ``t`` may read ``t`` itself, the forecast judging ``t``
+        reads ``<= t - g`` only.
+        """
+        n = len(good)
+        stamp = int(time.time_ns() // 1000) if now_us is None else now_us
+        if n == 0:
+            return PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
+        frame = good.table.to_pandas()
+        self.state.update(frame)
+        ids = frame["meter_id"].astype(str).to_numpy()
+        ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
+        common = {
+            "meter_id": pa.array(ids, pa.string()),
+            "ts": pa.array(ts, TS_TYPE),
+            "model": pa.array([self.label] * n, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "offset": pa.array(offsets, pa.int64()),
+            "scored_at": pa.array(np.full(n, stamp, np.int64)),
+        }
+        parts: list[pa.Table] = []
+        for h, g in self.served.items():
+            target = ts + self.freq * h
+            out = self._forecast(ids, target, g)
+            columns = common | {
+                "horizon": pa.array(np.full(n, h, np.int32)),
+                "target_ts": pa.array(target, TS_TYPE),
+                "yhat": out[:, 0],
+                "q10": out[:, 1],
+                "q50": out[:, 2],
+                "q90": out[:, 3],
+            }
+            parts.append(pa.table({c: columns[c] for c in PREDICTION_SCHEMA.names}))
+        predictions = (
+            pa.concat_tables(parts).cast(PREDICTION_SCHEMA)
+            if parts
+            else PREDICTION_SCHEMA.empty_table()
+        )
+        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
+        own = self._forecast(ids, ts, self.anomaly_horizon)
+        sigma = (own[:, 3] - own[:, 1]) / SIGMAS_80
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(y - own[:, 0]) / sigma
+        ok = np.isfinite(z) & (sigma > 0)
+        columns = common | {
+            "value": pa.array(y, pa.float64()),
+            "expected": pa.array(own[:, 0], pa.float64()),
+            "score": pa.array(np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)),
+            "is_anomaly": pa.array(ok & (z > self.threshold)),
+        }
+        scores = pa.table({c: columns[c] for c in SCORE_SCHEMA.names}).cast(SCORE_SCHEMA)
+        return predictions, scores
+
+
+def make_scorer(
+    loaded: LoadedModel, scoring: ScoringSettings, compiled_dir: Path | None = None
+) -> ChampionScorer | OnlineChampionScorer:
+    """The scorer for a champion of any family the stream serves (GBM or online).
+
+    ``compiled_dir`` is where a GBM champion's compiled boosters are cached.
+    Raises :class:`ConfigError` (from the scorer) for any other family.
+    """
+    if isinstance(loaded.model, OnlineForecaster):
+        return OnlineChampionScorer(loaded, scoring)
+    return ChampionScorer(loaded, scoring, compiled_dir)
