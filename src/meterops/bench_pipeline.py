@@ -17,8 +17,8 @@ project's registry, the recent training days stored as history, then:
   stored (``scored_at``) minus the time its message was published;
 * **scaling**: the same backlog drained by 1 and by 2 worker processes in
   one consumer group, each run in a fresh project sharing the registry;
-  rate = readings / (last ``scored_at`` - first ``scored_at``), so process
-  start-up is not counted;
+  rate = readings / (exit of the last process - first ``scored_at``), so
+  process start-up is not counted and the last write is;
 * **reference**: the same features and an online linear model through
   River's ``learn_one``/``predict_one``, one reading at a time
   (:func:`meterops.bench_online.river_rate`), and meterops' own online
@@ -159,19 +159,24 @@ def _drain_in_process(settings: Settings, warmup: pd.DataFrame, backlog: pd.Data
         return time.perf_counter() - started
 
 
-def _scored_span(settings: Settings) -> tuple[float, int]:
+def _first_scored(settings: Settings) -> tuple[float, int]:
+    """When the first reading was scored (epoch seconds) and how many were."""
     from meterops.pipeline import Pipeline
 
     with Pipeline(settings) as pipe:
         scores = pipe.store.scores()
     if scores.empty:
-        return 0.0, 0
-    stamps = scores["scored_at"].to_numpy(np.int64)
-    return float(stamps.max() - stamps.min()) / 1e6, len(scores)
+        return float("nan"), 0
+    return float(scores["scored_at"].min()) / 1e6, len(scores)
 
 
 def _drain_processes(settings: Settings, workers: int) -> float:
-    """Readings/s of ``workers`` worker processes draining the bus (by ``scored_at`` span)."""
+    """Readings/s of ``workers`` worker processes draining the bus.
+
+    From the first reading scored (so interpreter and model start-up are not
+    counted) to the exit of the last process (so the last batch's write and
+    offset commit are).
+    """
     logs = [(settings.project_dir / f"worker-{i}.log").open("w") for i in range(workers)]
     procs = [
         subprocess.Popen(
@@ -183,13 +188,16 @@ def _drain_processes(settings: Settings, workers: int) -> float:
         )
         for log in logs
     ]
+    ended = 0.0
     for proc, log in zip(procs, logs, strict=True):
         proc.wait(timeout=1800)
+        ended = max(ended, time.time())
         log.close()
         if proc.returncode:
             text = Path(log.name).read_text()[-2000:]
             raise RuntimeError(f"a bench worker failed (exit {proc.returncode}):\n{text}")
-    span, rows = _scored_span(settings)
+    started, rows = _first_scored(settings)
+    span = ended - started
     return rows / span if span > 0 else float("nan")
 
 

@@ -74,9 +74,11 @@ class LoadedModel:
 class ChampionScorer:
     """Forecasts and anomaly scores of one champion model for micro-batches of readings.
 
-    Only the global gradient-boosted family scores in the stream today (it
-    is what ``meterops train`` promotes); other families raise
-    :class:`ConfigError` with the reason, and the worker keeps storing
+    This one serves gradient-boosted champions (what ``meterops train``
+    promotes); an online champion is served by
+    :class:`~meterops.stream_online.OnlineChampionScorer`
+    (:func:`~meterops.stream_online.make_scorer` picks). Other families
+    raise :class:`ConfigError` with the reason, and the worker keeps storing
     readings unscored.
     """
 
