@@ -54,12 +54,18 @@ from meterops.settings import ScoringSettings, Settings
 from meterops.store.base import RecentReadings
 from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
 
-__all__ = ["SIGMAS_80", "ChampionScorer", "ChampionWatcher", "LoadedModel"]
+__all__ = [
+    "BufferedScorer",
+    "ChampionScorer",
+    "ChampionWatcher",
+    "LoadedModel",
+    "anomaly_scores",
+]
 
 log = logging.getLogger("meterops.stream")
 
 Floats = npt.NDArray[np.float64]
-SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
+_SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,59 @@ class LoadedModel:
     model: Forecaster
 
 
-class ChampionScorer:
+def anomaly_scores(
+    y: Floats, forecast: Floats, threshold: float
+) -> tuple[Floats, npt.NDArray[np.bool_]]:
+    """Score and flag of each reading against its forecast row (yhat, q10, q50, q90).
+
+    ``z = |y - yhat| / sigma`` with sigma from the 80 % interval; the score
+    is ``1 - exp(-z^2 / 2)`` (NaN without a usable interval), the flag
+    ``z > threshold``.
+    """
+    sigma = (forecast[:, 3] - forecast[:, 1]) / _SIGMAS_80
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(y - forecast[:, 0]) / sigma
+    ok = np.isfinite(z) & (sigma > 0)
+    score = np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)
+    return score, ok & (z > threshold)
+
+
+class BufferedScorer:
+    """What every stream scorer shares: its model's label and feature buffers primed
+    from the store the first time a meter appears (subclasses set ``loaded``,
+    ``freq`` and ``state``)."""
+
+    loaded: LoadedModel
+    freq: pd.Timedelta
+    state: FeatureState
+    _primed: set[str]
+
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    @property
+    def history_span(self) -> pd.Timedelta:
+        """How far back a meter's stored readings fill its feature buffers."""
+        return self.freq * (self.state.length + 1)
+
+    def prime(self, stored: RecentReadings, batch: ReadingBatch) -> int:
+        """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
+        meters = pd.unique(
+            np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
+        )
+        new = [str(m) for m in meters if m not in self._primed]
+        if not new:
+            return 0
+        ts = batch.table.column("ts").to_pandas()
+        frame = stored.get(new, ts.min() - self.history_span, ts.max())
+        if len(frame):
+            self.state.update(frame)
+        self._primed.update(new)
+        return len(frame)
+
+
+class ChampionScorer(BufferedScorer):
     """Forecasts and anomaly scores of one champion model for micro-batches of readings.
 
     This one serves gradient-boosted champions (what ``meterops train``
@@ -121,33 +179,6 @@ class ChampionScorer:
             self.compiled = CompiledBoosters({g: model.boosters_[g] for g in wanted}, compiled_dir)
         self._primed: set[str] = set()
         self._carry: tuple[pd.MultiIndex, Floats] | None = None  # last 1-step forecast per meter
-
-    @property
-    def label(self) -> str:
-        return self.loaded.label
-
-    # ------------------------------------------------------------------ buffers
-
-    @property
-    def history_span(self) -> pd.Timedelta:
-        """How far back a meter's stored readings fill its feature buffers."""
-        return self.freq * (self.state.length + 1)
-
-    def prime(self, stored: RecentReadings, batch: ReadingBatch) -> int:
-        """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
-        meters = pd.unique(
-            np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
-        )
-        new = [str(m) for m in meters if m not in self._primed]
-        if not new:
-            return 0
-        ts = batch.table.column("ts").to_pandas()
-        end = ts.max()
-        frame = stored.get(new, ts.min() - self.history_span, end)
-        if len(frame):
-            self.state.update(frame)
-        self._primed.update(new)
-        return len(frame)
 
     # ------------------------------------------------------------------ scoring
 
@@ -252,12 +283,7 @@ class ChampionScorer:
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
         out = self._expected(ids, ts, one_step)
         expected = out[:, 0]
-        sigma = (out[:, 3] - out[:, 1]) / SIGMAS_80
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.abs(y - expected) / sigma
-        ok = np.isfinite(z) & (sigma > 0)
-        score = np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)
-        flag = ok & (z > self.threshold)
+        score, flag = anomaly_scores(y, out, self.threshold)
         return pa.table(
             {
                 "meter_id": pa.array(ids, pa.string()),

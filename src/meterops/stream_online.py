@@ -43,8 +43,7 @@ from meterops.errors import ConfigError
 from meterops.features import FeatureState, resolve_horizon
 from meterops.models.online import OnlineForecaster
 from meterops.settings import ScoringSettings
-from meterops.store.base import RecentReadings
-from meterops.stream import SIGMAS_80, ChampionScorer, LoadedModel
+from meterops.stream import BufferedScorer, ChampionScorer, LoadedModel, anomaly_scores
 from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
 
 __all__ = ["OnlineChampionScorer", "make_scorer"]
@@ -54,7 +53,7 @@ log = logging.getLogger("meterops.stream")
 Floats = npt.NDArray[np.float64]
 
 
-class OnlineChampionScorer:
+class OnlineChampionScorer(BufferedScorer):
     """Forecasts and anomaly scores of a frozen online champion for micro-batches of readings.
 
     Raises :class:`ConfigError` for a model that is not a fitted
@@ -90,32 +89,6 @@ class OnlineChampionScorer:
         self.anomaly_horizon = model.horizon_for_step(1)
         self.state = FeatureState(model.spec, self.freq, g, model.covariates_, origin=model.origin_)
         self._primed: set[str] = set()
-
-    @property
-    def label(self) -> str:
-        return self.loaded.label
-
-    # ------------------------------------------------------------------ buffers
-
-    @property
-    def history_span(self) -> pd.Timedelta:
-        """How far back a meter's stored readings fill its feature buffers."""
-        return self.freq * (self.state.length + 1)
-
-    def prime(self, stored: RecentReadings, batch: ReadingBatch) -> int:
-        """Load the recent stored readings of meters this scorer has not seen; rows loaded."""
-        meters = pd.unique(
-            np.asarray(batch.table.column("meter_id").to_numpy(zero_copy_only=False))
-        )
-        new = [str(m) for m in meters if m not in self._primed]
-        if not new:
-            return 0
-        ts = batch.table.column("ts").to_pandas()
-        frame = stored.get(new, ts.min() - self.history_span, ts.max())
-        if len(frame):
-            self.state.update(frame)
-        self._primed.update(new)
-        return len(frame)
 
     # ------------------------------------------------------------------ scoring
 
@@ -173,15 +146,12 @@ class OnlineChampionScorer:
         )
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
         own = self._forecast(ids, ts, self.anomaly_horizon)
-        sigma = (own[:, 3] - own[:, 1]) / SIGMAS_80
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.abs(y - own[:, 0]) / sigma
-        ok = np.isfinite(z) & (sigma > 0)
+        score, flag = anomaly_scores(y, own, self.threshold)
         columns = common | {
             "value": pa.array(y, pa.float64()),
             "expected": pa.array(own[:, 0], pa.float64()),
-            "score": pa.array(np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)),
-            "is_anomaly": pa.array(ok & (z > self.threshold)),
+            "score": pa.array(score),
+            "is_anomaly": pa.array(flag),
         }
         scores = pa.table({c: columns[c] for c in SCORE_SCHEMA.names}).cast(SCORE_SCHEMA)
         return predictions, scores
