@@ -875,7 +875,12 @@ def models_list(
         return
     print(f"{'version':>7}  {'aliases':<22} {'created':<21} {'model':<8} metrics")
     for v in versions:
-        shown = {k: v.metrics[k] for k in sorted(v.metrics) if k.startswith(("rmse_", "mae_"))}
+        # backtest metrics of trained versions, prequential ones of logged online learners
+        shown = {
+            k: v.metrics[k]
+            for k in sorted(v.metrics)
+            if k.startswith(("rmse_", "mae_", "prequential_rmse_", "prequential_persistence_rmse_"))
+        }
         cells = " ".join(f"{k}={x:.4g}" for k, x in shown.items())
         aliases = ",".join(v.aliases) or v.tags.get("status", "-")
         print(
