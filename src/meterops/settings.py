@@ -139,6 +139,9 @@ class ScoringSettings(_Section):
     ``online_registry_every`` is how often (seconds) the learners, merged,
     are logged to the registry as an ``online`` challenger and put through
     the champion gate (``0``: never); see :mod:`meterops.online_registry`.
+    ``noise_window`` is how many of a meter's latest one-step residuals set
+    its own anomaly scale (``0``: the model's intervals alone); see
+    :class:`meterops.stream.ResidualScale`.
     """
 
     enabled: bool = True
@@ -147,6 +150,7 @@ class ScoringSettings(_Section):
     reload_every: float = Field(1.0, gt=0)
     online: bool = True
     online_registry_every: float = Field(3600.0, ge=0)
+    noise_window: int = Field(168, ge=0)
 
     @field_validator("horizons")
     @classmethod
@@ -334,6 +338,8 @@ reload_every = 1.0        # seconds between checks of the champion alias (hot re
 online = true             # online model learns per micro-batch (prequential metrics)
 online_registry_every = 3600  # seconds between registry versions of the merged online
                               # model (then the champion gate; 0 = never log it)
+noise_window = 168        # a meter's last N one-step residuals widen its anomaly scale
+                          # when it is noisier than the model's intervals say (0 = off)
 
 [source]
 timezone = "UTC"          # zone of naive timestamps in input files

@@ -33,6 +33,7 @@ two micro-batches (hot reload, no restart).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -59,6 +60,7 @@ __all__ = [
     "ChampionScorer",
     "ChampionWatcher",
     "LoadedModel",
+    "ResidualScale",
     "anomaly_scores",
 ]
 
@@ -78,30 +80,97 @@ class LoadedModel:
 
 
 def anomaly_scores(
-    y: Floats, forecast: Floats, threshold: float
-) -> tuple[Floats, npt.NDArray[np.bool_]]:
-    """Score and flag of each reading against its forecast row (yhat, q10, q50, q90).
+    y: Floats,
+    forecast: Floats,
+    threshold: float,
+    scale: ResidualScale | None = None,
+    ids: npt.NDArray[Any] | None = None,
+) -> tuple[Floats, npt.NDArray[np.bool_], Floats]:
+    """Score, flag and model sigma of each reading against its forecast (yhat, q10, q50, q90).
 
-    ``z = |y - yhat| / sigma`` with sigma from the 80 % interval; the score
-    is ``1 - exp(-z^2 / 2)`` (NaN without a usable interval), the flag
+    ``z = |y - yhat| / sigma`` with sigma from the 80 % interval, divided by
+    the meter's own residual scale when ``scale`` is given (``ids`` aligned
+    with ``y``, rows in time order per meter); the score is
+    ``1 - exp(-z^2 / 2)`` (NaN without a usable interval), the flag
     ``z > threshold``.
     """
     sigma = (forecast[:, 3] - forecast[:, 1]) / _SIGMAS_80
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(y - forecast[:, 0]) / sigma
     ok = np.isfinite(z) & (sigma > 0)
+    if scale is not None and ids is not None:
+        z = z / scale.apply(ids, np.where(ok, z, np.nan))
     score = np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)
-    return score, ok & (z > threshold)
+    return score, ok & (z > threshold), sigma
+
+
+class ResidualScale:
+    """How much noisier each meter is than the model's intervals say, from its own residuals.
+
+    Why: intervals are calibrated on the fleet the champion was trained on.
+    A meter it never saw (the real household replayed in the demo) can be
+    much noisier relative to its level, and then a fixed threshold flags one
+    reading in eight. Each reading's ``z`` is divided by
+    ``sqrt(max(1, s2))``, with ``s2`` the mean of the meter's last
+    ``window`` squared one-step ``z`` (each capped at ``cap^2`` so anomalies
+    cannot hide the next ones; the scorers use three times the threshold,
+    because a cap at the threshold itself cut ordinary noise of a meter eight
+    times noisier than the fleet and left it under-scaled), shrunk towards 1
+    by ``prior`` pseudo-readings.
+    It only widens: a meter as calm as the fleet keeps the model's intervals.
+
+    Only readings before ``t`` enter the scale judging ``t``. Every scored
+    reading enters its meter's window, and each stored score keeps the value,
+    the expected value and the model's sigma, so a scorer meeting a meter
+    rebuilds the window from the store: a restarted worker judges as an
+    uninterrupted one would.
+    """
+
+    def __init__(self, window: int, cap: float, prior: int = 24) -> None:
+        self.window = window
+        self.cap2 = cap * cap
+        self.prior = prior
+        self._z2: dict[str, Floats] = {}
+
+    def prime(self, meter_ids: npt.NDArray[Any], z: Floats) -> None:
+        """Past one-step ``z`` of meters (rows in time order per meter) as their window."""
+        valid = np.isfinite(z)
+        frame = pd.DataFrame({"m": meter_ids[valid], "z2": np.minimum(z[valid] ** 2, self.cap2)})
+        for meter, part in frame.groupby("m", sort=False):
+            self._z2[str(meter)] = part["z2"].to_numpy()[-self.window :]
+
+    def apply(self, meter_ids: npt.NDArray[Any], z: Floats) -> Floats:
+        """The scale of each reading's ``z`` (from earlier readings), then add them to windows."""
+        out = np.ones(len(z))
+        order = np.argsort(pd.factorize(meter_ids)[0], kind="stable")
+        sorted_ids = meter_ids[order]
+        bounds = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1], True])
+        for lo, hi in itertools.pairwise(bounds):
+            rows = order[lo:hi]
+            meter = str(sorted_ids[lo])
+            old = self._z2.get(meter, np.zeros(0))
+            new = z[rows]
+            valid = np.isfinite(new)
+            values = np.concatenate([old, np.minimum(new[valid] ** 2, self.cap2)])
+            sums = np.concatenate([[0.0], np.cumsum(values)])
+            before = len(old) + np.cumsum(valid) - valid  # values known before each row
+            first = np.maximum(before - self.window, 0)
+            count = before - first
+            s2 = (sums[before] - sums[first] + self.prior) / (count + self.prior)
+            out[rows] = np.sqrt(np.maximum(s2, 1.0))
+            self._z2[meter] = values[-self.window :]
+        return out
 
 
 class BufferedScorer:
-    """What every stream scorer shares: its model's label and feature buffers primed
-    from the store the first time a meter appears (subclasses set ``loaded``,
-    ``freq`` and ``state``)."""
+    """What every stream scorer shares: its model's label, feature buffers and residual
+    scales primed from the store the first time a meter appears (subclasses set
+    ``loaded``, ``freq``, ``state`` and ``noise``)."""
 
     loaded: LoadedModel
     freq: pd.Timedelta
     state: FeatureState
+    noise: ResidualScale | None
     _primed: set[str]
 
     @property
@@ -125,8 +194,29 @@ class BufferedScorer:
         frame = stored.get(new, ts.min() - self.history_span, ts.max())
         if len(frame):
             self.state.update(frame)
+        if self.noise is not None:
+            self._prime_noise(self.noise, stored, batch, new)
         self._primed.update(new)
         return len(frame)
+
+    def _prime_noise(
+        self, noise: ResidualScale, stored: RecentReadings, batch: ReadingBatch, meters: list[str]
+    ) -> None:
+        """The residual windows of ``meters`` from their stored scores.
+
+        Only readings before each meter's first one in ``batch`` count: a
+        redelivered batch is judged with the window it had the first time.
+        """
+        first = batch.table.to_pandas().groupby("meter_id")["ts"].min()
+        start = first.min() - self.freq * (noise.window + 1)
+        seen = stored.scores(meters, start, first.max())
+        if seen.empty:
+            return
+        seen = seen[seen["ts"] < seen["meter_id"].map(first)].sort_values(["meter_id", "ts"])
+        sigma = seen["sigma"].to_numpy(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(seen["value"].to_numpy(np.float64) - seen["expected"].to_numpy()) / sigma
+        noise.prime(seen["meter_id"].astype(str).to_numpy(), np.where(sigma > 0, z, np.nan))
 
 
 class ChampionScorer(BufferedScorer):
@@ -172,6 +262,11 @@ class ChampionScorer(BufferedScorer):
         depth = max([*served.values(), self.anomaly_horizon or 1])
         self.state = FeatureState(
             model.spec_, self.freq, depth, model.covariates_, origin=model.origin_
+        )
+        self.noise = (
+            ResidualScale(scoring.noise_window, 3 * scoring.anomaly_threshold)
+            if scoring.noise_window
+            else None
         )
         self.compiled: CompiledBoosters | None = None
         if compiled_dir is not None:
@@ -283,13 +378,14 @@ class ChampionScorer(BufferedScorer):
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
         out = self._expected(ids, ts, one_step)
         expected = out[:, 0]
-        score, flag = anomaly_scores(y, out, self.threshold)
+        score, flag, sigma = anomaly_scores(y, out, self.threshold, self.noise, ids)
         return pa.table(
             {
                 "meter_id": pa.array(ids, pa.string()),
                 "ts": pa.array(ts, TS_TYPE),
                 "value": y,
                 "expected": expected,
+                "sigma": sigma,
                 "score": score,
                 "is_anomaly": flag,
                 "model": pa.array([self.label] * n, pa.string()),

@@ -43,7 +43,13 @@ from meterops.errors import ConfigError
 from meterops.features import FeatureState, resolve_horizon
 from meterops.models.online import OnlineForecaster
 from meterops.settings import ScoringSettings
-from meterops.stream import BufferedScorer, ChampionScorer, LoadedModel, anomaly_scores
+from meterops.stream import (
+    BufferedScorer,
+    ChampionScorer,
+    LoadedModel,
+    ResidualScale,
+    anomaly_scores,
+)
 from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
 
 __all__ = ["OnlineChampionScorer", "make_scorer"]
@@ -87,6 +93,11 @@ class OnlineChampionScorer(BufferedScorer):
             served[h] = g
         self.served = served
         self.anomaly_horizon = model.horizon_for_step(1)
+        self.noise = (
+            ResidualScale(scoring.noise_window, 3 * scoring.anomaly_threshold)
+            if scoring.noise_window
+            else None
+        )
         self.state = FeatureState(model.spec, self.freq, g, model.covariates_, origin=model.origin_)
         self._primed: set[str] = set()
 
@@ -146,10 +157,11 @@ class OnlineChampionScorer(BufferedScorer):
         )
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
         own = self._forecast(ids, ts, self.anomaly_horizon)
-        score, flag = anomaly_scores(y, own, self.threshold)
+        score, flag, sigma = anomaly_scores(y, own, self.threshold, self.noise, ids)
         columns = common | {
             "value": pa.array(y, pa.float64()),
             "expected": pa.array(own[:, 0], pa.float64()),
+            "sigma": pa.array(sigma, pa.float64()),
             "score": pa.array(score),
             "is_anomaly": pa.array(flag),
         }

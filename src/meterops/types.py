@@ -93,6 +93,7 @@ SCORE_SCHEMA = pa.schema(
         pa.field("ts", TS_TYPE),
         pa.field("value", pa.float64()),
         pa.field("expected", pa.float64()),
+        pa.field("sigma", pa.float64()),
         pa.field("score", pa.float64()),
         pa.field("is_anomaly", pa.bool_()),
         pa.field("model", pa.string()),

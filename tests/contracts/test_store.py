@@ -181,6 +181,7 @@ def scores_for(batch: ReadingBatch, anomalous: list[bool], model: str = V1) -> p
             "ts": t.column("ts"),
             "value": t.column("value"),
             "expected": pa.array(np.arange(n, dtype=float)),
+            "sigma": pa.array(np.full(n, 0.5)),
             "score": pa.array(np.linspace(0, 1, n)),
             "is_anomaly": pa.array(anomalous, pa.bool_()),
             "model": [model] * n,
@@ -335,7 +336,8 @@ class TestScoredContract:
         table = pa.Table.from_pandas(preds, schema=PREDICTION_SCHEMA, preserve_index=False)
         flags = pa.array([None, True, False, None], pa.bool_())
         score_table = scores_for(batch, [False] * 4)
-        score_table = score_table.set_column(5, "is_anomaly", flags)
+        at = score_table.schema.get_field_index("is_anomaly")
+        score_table = score_table.set_column(at, "is_anomaly", flags)
         result = store.write(batch, NO_DEAD, {}, scored=scored(table, score_table))
         assert (result.predictions, result.scores, result.actuals) == (4, 4, 3)
         back = store.predictions()

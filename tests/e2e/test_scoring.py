@@ -106,7 +106,7 @@ def test_kill_9_during_scoring_then_restart_scores_every_reading_once(
     settings = load_settings(workdir / "meterops.toml")
     with Registry.from_settings(settings) as registry:
         loaded = LoadedModel(1, f"{LABEL}/1", registry.load("champion"))
-    reference, _ = ChampionScorer(loaded, settings.scoring).score(
+    reference, reference_scores = ChampionScorer(loaded, settings.scoring).score(
         ReadingBatch.from_pandas(stream.assign(ts=pd.to_datetime(stream["ts"], utc=True))),
         np.full(len(stream), "x"),
         np.arange(len(stream), dtype=np.int64),
@@ -117,6 +117,12 @@ def test_kill_9_during_scoring_then_restart_scores_every_reading_once(
     got = predictions.sort_values(key).reset_index(drop=True)
     assert (ref[key] == got[key]).all().all()
     np.testing.assert_allclose(got[["yhat", "q10", "q90"]], ref[["yhat", "q10", "q90"]], rtol=1e-6)
+    # and the anomaly scores: each meter's residual scale was rebuilt from the store
+    by_reading = ["meter_id", "ts"]
+    ref_scores = reference_scores.to_pandas().sort_values(by_reading).reset_index(drop=True)
+    got_scores = scores.sort_values(by_reading).reset_index(drop=True)
+    np.testing.assert_allclose(got_scores["score"], ref_scores["score"], rtol=1e-6, atol=1e-12)
+    assert (got_scores["is_anomaly"].astype(bool) == ref_scores["is_anomaly"]).all()
     # live accuracy: the actuals of the stream joined with the forecasts made for them
     with Pipeline(settings) as pipe:
         accuracy = pipe.store.accuracy(by_meter=False).set_index("horizon")

@@ -16,7 +16,7 @@ from meterops.online_stream import OnlineLearners, pack_state, unpack_state
 from meterops.pipeline import Pipeline
 from meterops.settings import ScoringSettings, Settings
 from meterops.store.base import RecentReadings, Scored, Store
-from meterops.stream import ChampionScorer, LoadedModel
+from meterops.stream import ChampionScorer, LoadedModel, ResidualScale
 from meterops.types import DEADLETTER_SCHEMA, PREDICTION_SCHEMA, SCORE_SCHEMA, ReadingBatch
 
 SPEC = FeatureSpec(freq="1h", rolling_windows=("1d",), seasonal_periods=("1d",))
@@ -127,6 +127,53 @@ def test_a_spike_is_flagged_and_normal_readings_are_not(champion: LoadedModel) -
     assert rest["is_anomaly"].mean() < 0.01
     finite = rest["score"].dropna()
     assert len(finite) > 0.9 * len(rest) and finite.between(0, 1).all()
+
+
+def test_a_meter_noisier_than_the_fleet_is_judged_on_its_own_residuals(
+    champion: LoadedModel,
+) -> None:
+    """An unseen, noisy meter: without its own scale one reading in many is flagged."""
+    rng = np.random.default_rng(4)
+    stream = fleet(meters=1, days=14, seed=4)
+    stream["meter_id"] = "unseen"
+    stream["ts"] += pd.Timedelta("30D")
+    stream["value"] += rng.normal(0, 0.4, len(stream))  # eight times the fleet's noise
+    spike = stream.index[-30]
+    stream.loc[spike, "value"] += 6.0
+    sources, offsets = positions(len(stream))
+    batch = ReadingBatch.from_pandas(stream)
+    fixed = ChampionScorer(champion, ScoringSettings(noise_window=0))
+    _, plain = fixed.score(batch, sources, offsets, 0)
+    own = ChampionScorer(champion, ScoringSettings(noise_window=168))
+    _, scaled = own.score(batch, sources, offsets, 0)
+    later = np.arange(len(stream)) >= 7 * 24  # once a week of residuals is known
+    plain_rate = plain.column("is_anomaly").to_numpy()[later].mean()
+    scaled_flags = scaled.column("is_anomaly").to_numpy()
+    assert plain_rate > 0.05
+    assert scaled_flags[later].mean() < 0.02
+    assert scaled_flags[spike]  # a real spike still stands out
+
+
+def test_residual_scales_depend_on_earlier_readings_only_not_on_batches() -> None:
+    rng = np.random.default_rng(5)
+    ids = np.array(["a", "b", "a", "c", "b", "a"] * 50)
+    z = rng.normal(0, 2, len(ids))
+    z[7] = np.nan  # no usable interval: not in the window
+    whole = ResidualScale(window=20, cap=4.0, prior=5).apply(ids, z)
+    pieces = ResidualScale(window=20, cap=4.0, prior=5)
+    chunked = np.concatenate([pieces.apply(ids[i : i + 7], z[i : i + 7]) for i in range(0, 300, 7)])
+    np.testing.assert_allclose(chunked, whole)
+    for i in (0, 40, 299):  # the naive definition
+        earlier = [
+            min(v * v, 16.0) for j, v in enumerate(z[:i]) if ids[j] == ids[i] and np.isfinite(v)
+        ]
+        window = earlier[-20:]
+        expected = np.sqrt(max(1.0, (sum(window) + 5) / (len(window) + 5)))
+        assert whole[i] == pytest.approx(expected)
+    # primed from stored residuals: the same as having seen them
+    primed = ResidualScale(window=20, cap=4.0, prior=5)
+    primed.prime(ids[:150], z[:150])
+    np.testing.assert_allclose(primed.apply(ids[150:], z[150:]), whole[150:])
 
 
 def test_only_gbm_champions_score_in_the_stream() -> None:

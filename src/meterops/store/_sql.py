@@ -260,6 +260,11 @@ _MIGRATIONS: list[str] = [
     DROP TABLE scores;
     ALTER TABLE scores_by_time RENAME TO scores;
     """,
+    # 4: the model's spread behind each score, so a worker meeting a meter can rebuild
+    # the meter's residual scale (stream.ResidualScale) from what was stored
+    """
+    ALTER TABLE scores ADD COLUMN sigma {real};
+    """,
 ]
 
 

@@ -23,7 +23,7 @@ Promises every implementation keeps (checked by ``tests/contracts/test_store.py`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -83,9 +83,21 @@ class RecentReadings:
             frame = self._all
             keep = frame["meter_id"].isin(meters) & (frame["ts"] >= start) & (frame["ts"] < end)
             return frame[keep].reset_index(drop=True)
-        parts = [self.store.readings(meter_id=m, start=start, end=end).to_pandas() for m in meters]
-        parts = [p for p in parts if len(p)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        return _per_meter(
+            meters, lambda m: self.store.readings(meter_id=m, start=start, end=end).to_pandas()
+        )
+
+    def scores(self, meters: Sequence[str], start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+        """Stored anomaly scores of ``meters`` for readings in ``[start, end)``."""
+        if len(meters) > _PER_METER_READS:
+            frame = self.store.scores(start=start, end=end)
+            return frame[frame["meter_id"].isin(meters)].reset_index(drop=True)
+        return _per_meter(meters, lambda m: self.store.scores(meter_id=m, start=start, end=end))
+
+
+def _per_meter(meters: Sequence[str], read: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
+    parts = [part for part in (read(m) for m in meters) if len(part)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 @dataclass(frozen=True)
