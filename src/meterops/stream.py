@@ -171,6 +171,7 @@ class BufferedScorer:
     freq: pd.Timedelta
     state: FeatureState
     noise: ResidualScale | None
+    threshold: float
     _primed: set[str]
 
     @property
@@ -198,6 +199,51 @@ class BufferedScorer:
             self._prime_noise(self.noise, stored, batch, new)
         self._primed.update(new)
         return len(frame)
+
+    def _rows(
+        self,
+        ids: npt.NDArray[Any],
+        ts: pd.Series,
+        sources: npt.NDArray[Any],
+        offsets: npt.NDArray[np.int64],
+        stamp: int,
+        forecasts: list[tuple[int, pd.Series, Floats]],
+        y: Floats,
+        judged: Floats,
+    ) -> tuple[pa.Table, pa.Table]:
+        """The predictions (one ``(horizon, target, (n, 4) forecast)`` per served horizon)
+        and the scores of readings ``y`` judged against the forecasts ``judged``."""
+        n = len(ids)
+        common = {
+            "meter_id": pa.array(ids, pa.string()),
+            "ts": pa.array(ts, TS_TYPE),
+            "model": pa.array([self.label] * n, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "offset": pa.array(offsets, pa.int64()),
+            "scored_at": pa.array(np.full(n, stamp, np.int64)),
+        }
+        parts = []
+        for h, target, out in forecasts:
+            columns = common | {
+                "horizon": pa.array(np.full(n, h, np.int32)),
+                "target_ts": pa.array(target, TS_TYPE),
+                "yhat": pa.array(out[:, 0]),
+                "q10": pa.array(out[:, 1]),
+                "q50": pa.array(out[:, 2]),
+                "q90": pa.array(out[:, 3]),
+            }
+            parts.append(pa.table([columns[c] for c in PREDICTION_SCHEMA.names], PREDICTION_SCHEMA))
+        predictions = pa.concat_tables(parts) if parts else PREDICTION_SCHEMA.empty_table()
+        score, flag, sigma = anomaly_scores(y, judged, self.threshold, self.noise, ids)
+        columns = common | {
+            "value": pa.array(y, pa.float64()),
+            "expected": pa.array(judged[:, 0], pa.float64()),
+            "sigma": pa.array(sigma, pa.float64()),
+            "score": pa.array(score, pa.float64()),
+            "is_anomaly": pa.array(flag, pa.bool_()),
+        }
+        scores = pa.table([columns[c] for c in SCORE_SCHEMA.names], SCORE_SCHEMA)
+        return predictions, scores
 
     def _prime_noise(
         self, noise: ResidualScale, stored: RecentReadings, batch: ReadingBatch, meters: list[str]
@@ -304,34 +350,17 @@ class ChampionScorer(BufferedScorer):
         self.state.update(frame)
         ids = frame["meter_id"].astype(str).to_numpy()
         ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
-        parts: list[pa.Table] = []
+        forecasts: list[tuple[int, pd.Series, Floats]] = []
         one_step: tuple[pd.Series, Floats] | None = None
         for h, g in self.served.items():
             target = ts + self.freq * h
             out = self._forecast(ids, target, g)
             if g == self.anomaly_horizon and h == 1:
                 one_step = (target, out)
-            parts.append(
-                pa.table(
-                    {
-                        "meter_id": pa.array(ids, pa.string()),
-                        "ts": pa.array(ts, TS_TYPE),
-                        "horizon": pa.array(np.full(n, h, np.int32)),
-                        "target_ts": pa.array(target, TS_TYPE),
-                        "yhat": out[:, 0],
-                        "q10": out[:, 1],
-                        "q50": out[:, 2],
-                        "q90": out[:, 3],
-                        "model": pa.array([self.label] * n, pa.string()),
-                        "source": pa.array(sources, pa.string()),
-                        "offset": pa.array(offsets, pa.int64()),
-                        "scored_at": pa.array(np.full(n, stamp, np.int64)),
-                    },
-                    schema=PREDICTION_SCHEMA,
-                )
-            )
-        predictions = pa.concat_tables(parts) if parts else PREDICTION_SCHEMA.empty_table()
-        return predictions, self._scores(frame, ids, ts, sources, offsets, stamp, one_step)
+            forecasts.append((h, target, out))
+        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
+        judged = self._expected(ids, ts, one_step)
+        return self._rows(ids, ts, sources, offsets, stamp, forecasts, y, judged)
 
     def _expected(
         self, ids: npt.NDArray[Any], ts: pd.Series, one_step: tuple[pd.Series, Floats] | None
@@ -363,38 +392,6 @@ class ChampionScorer(BufferedScorer):
                 ids[missing], ts[missing].reset_index(drop=True), self.anomaly_horizon
             )
         return out
-
-    def _scores(
-        self,
-        frame: pd.DataFrame,
-        ids: npt.NDArray[Any],
-        ts: pd.Series,
-        sources: npt.NDArray[Any],
-        offsets: npt.NDArray[np.int64],
-        stamp: int,
-        one_step: tuple[pd.Series, Floats] | None,
-    ) -> pa.Table:
-        n = len(frame)
-        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
-        out = self._expected(ids, ts, one_step)
-        expected = out[:, 0]
-        score, flag, sigma = anomaly_scores(y, out, self.threshold, self.noise, ids)
-        return pa.table(
-            {
-                "meter_id": pa.array(ids, pa.string()),
-                "ts": pa.array(ts, TS_TYPE),
-                "value": y,
-                "expected": expected,
-                "sigma": sigma,
-                "score": score,
-                "is_anomaly": flag,
-                "model": pa.array([self.label] * n, pa.string()),
-                "source": pa.array(sources, pa.string()),
-                "offset": pa.array(offsets, pa.int64()),
-                "scored_at": pa.array(np.full(n, stamp, np.int64)),
-            },
-            schema=SCORE_SCHEMA,
-        )
 
 
 def _first_positions(known: pd.MultiIndex, key: pd.MultiIndex) -> npt.NDArray[np.int64]:

@@ -48,9 +48,8 @@ from meterops.stream import (
     ChampionScorer,
     LoadedModel,
     ResidualScale,
-    anomaly_scores,
 )
-from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, TS_TYPE, ReadingBatch
+from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, ReadingBatch
 
 __all__ = ["OnlineChampionScorer", "make_scorer"]
 
@@ -129,44 +128,13 @@ class OnlineChampionScorer(BufferedScorer):
         self.state.update(frame)
         ids = frame["meter_id"].astype(str).to_numpy()
         ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
-        common = {
-            "meter_id": pa.array(ids, pa.string()),
-            "ts": pa.array(ts, TS_TYPE),
-            "model": pa.array([self.label] * n, pa.string()),
-            "source": pa.array(sources, pa.string()),
-            "offset": pa.array(offsets, pa.int64()),
-            "scored_at": pa.array(np.full(n, stamp, np.int64)),
-        }
-        parts: list[pa.Table] = []
+        forecasts = []
         for h, g in self.served.items():
             target = ts + self.freq * h
-            out = self._forecast(ids, target, g)
-            columns = common | {
-                "horizon": pa.array(np.full(n, h, np.int32)),
-                "target_ts": pa.array(target, TS_TYPE),
-                "yhat": out[:, 0],
-                "q10": out[:, 1],
-                "q50": out[:, 2],
-                "q90": out[:, 3],
-            }
-            parts.append(pa.table({c: columns[c] for c in PREDICTION_SCHEMA.names}))
-        predictions = (
-            pa.concat_tables(parts).cast(PREDICTION_SCHEMA)
-            if parts
-            else PREDICTION_SCHEMA.empty_table()
-        )
+            forecasts.append((h, target, self._forecast(ids, target, g)))
         y = frame["value"].to_numpy(np.float64, na_value=np.nan)
-        own = self._forecast(ids, ts, self.anomaly_horizon)
-        score, flag, sigma = anomaly_scores(y, own, self.threshold, self.noise, ids)
-        columns = common | {
-            "value": pa.array(y, pa.float64()),
-            "expected": pa.array(own[:, 0], pa.float64()),
-            "sigma": pa.array(sigma, pa.float64()),
-            "score": pa.array(score),
-            "is_anomaly": pa.array(flag),
-        }
-        scores = pa.table({c: columns[c] for c in SCORE_SCHEMA.names}).cast(SCORE_SCHEMA)
-        return predictions, scores
+        judged = self._forecast(ids, ts, self.anomaly_horizon)
+        return self._rows(ids, ts, sources, offsets, stamp, forecasts, y, judged)
 
 
 def make_scorer(
