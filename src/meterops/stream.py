@@ -33,7 +33,6 @@ two micro-batches (hot reload, no restart).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -130,35 +129,75 @@ class ResidualScale:
         self.window = window
         self.cap2 = cap * cap
         self.prior = prior
-        self._z2: dict[str, Floats] = {}
+        self._row: dict[Any, int] = {}  # meter -> row of the buffers
+        self._values = np.zeros((0, window))  # last values per meter, right-aligned
+        self._counts = np.zeros(0, np.int64)
 
     def prime(self, meter_ids: npt.NDArray[Any], z: Floats) -> None:
         """Past one-step ``z`` of meters (rows in time order per meter) as their window."""
-        valid = np.isfinite(z)
-        frame = pd.DataFrame({"m": meter_ids[valid], "z2": np.minimum(z[valid] ** 2, self.cap2)})
-        for meter, part in frame.groupby("m", sort=False):
-            self._z2[str(meter)] = part["z2"].to_numpy()[-self.window :]
+        self.apply(meter_ids, z)
+
+    def _rows_of(self, meter_ids: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """Each meter's row in the window buffer (new meters get an empty one)."""
+        for meter in pd.unique(meter_ids):
+            if meter not in self._row:
+                self._row[meter] = len(self._row)
+        if len(self._row) > len(self._values):
+            grown = max(2 * len(self._values), len(self._row))
+            self._values = np.vstack(
+                [self._values, np.zeros((grown - len(self._values), self.window))]
+            )
+            self._counts = np.concatenate(
+                [self._counts, np.zeros(grown - len(self._counts), np.int64)]
+            )
+        rows: npt.NDArray[np.int64] = pd.Index(list(self._row)).get_indexer(meter_ids)
+        return rows  # rows are numbered in insertion order: positions in the dict
 
     def apply(self, meter_ids: npt.NDArray[Any], z: Floats) -> Floats:
-        """The scale of each reading's ``z`` (from earlier readings), then add them to windows."""
-        out = np.ones(len(z))
-        order = np.argsort(pd.factorize(meter_ids)[0], kind="stable")
-        sorted_ids = meter_ids[order]
-        bounds = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1], True])
-        for lo, hi in itertools.pairwise(bounds):
-            rows = order[lo:hi]
-            meter = str(sorted_ids[lo])
-            old = self._z2.get(meter, np.zeros(0))
-            new = z[rows]
-            valid = np.isfinite(new)
-            values = np.concatenate([old, np.minimum(new[valid] ** 2, self.cap2)])
-            sums = np.concatenate([[0.0], np.cumsum(values)])
-            before = len(old) + np.cumsum(valid) - valid  # values known before each row
-            first = np.maximum(before - self.window, 0)
-            count = before - first
-            s2 = (sums[before] - sums[first] + self.prior) / (count + self.prior)
-            out[rows] = np.sqrt(np.maximum(s2, 1.0))
-            self._z2[meter] = values[-self.window :]
+        """The scale of each reading's ``z`` (from earlier readings), then add them to windows.
+
+        Vectorised over meters: each meter's kept values, then its new ones,
+        are laid end to end in one flat array, and window sums are
+        differences of one cumulative sum.
+        """
+        if len(z) == 0:
+            return np.ones(0)
+        rows = self._rows_of(meter_ids)
+        order = np.argsort(rows, kind="stable")  # by meter, time order kept within each
+        meter, new = rows[order], z[order]
+        starts = np.flatnonzero(np.r_[True, meter[1:] != meter[:-1]])
+        ends = np.r_[starts[1:], len(meter)]
+        metas = meter[starts]  # the batch's meters, one each
+        valid = np.isfinite(new)
+        kept = self._counts[metas]
+        added = np.add.reduceat(valid.astype(np.int64), starts)
+        seg_start = np.r_[0, np.cumsum(kept + added)[:-1]]
+        flat = np.empty(int((kept + added).sum()))
+        # kept values: right-aligned in the buffer rows (oldest first)
+        slot = np.arange(self.window)
+        keep = slot[None, :] >= (self.window - kept)[:, None]
+        flat_pos = seg_start[:, None] + slot[None, :] - (self.window - kept)[:, None]
+        flat[flat_pos[keep]] = self._values[metas][keep]
+        # new values after them, in time order
+        group = np.repeat(np.arange(len(metas)), ends - starts)
+        rank = np.cumsum(valid) - valid  # valid values before each row, over the batch
+        rank_in = rank - rank[starts][group]
+        at = seg_start[group] + kept[group] + rank_in
+        flat[at[valid]] = np.minimum(new[valid] ** 2, self.cap2)
+        sums = np.r_[0.0, np.cumsum(flat)]
+        first = np.maximum(at - self.window, seg_start[group])
+        s2 = (sums[at] - sums[first] + self.prior) / (at - first + self.prior)
+        out = np.empty(len(z))
+        out[order] = np.sqrt(np.maximum(s2, 1.0))
+        # the last ``window`` values of each meter become its kept values
+        total = kept + added
+        count = np.minimum(total, self.window)
+        seg_end = seg_start + total
+        take = np.clip(seg_end[:, None] - self.window + slot[None, :], 0, None)
+        fill = slot[None, :] >= (self.window - count)[:, None]
+        last = flat[np.minimum(take, len(flat) - 1)] if len(flat) else np.zeros(take.shape)
+        self._values[metas] = np.where(fill, last, 0.0)
+        self._counts[metas] = count
         return out
 
 
@@ -199,6 +238,39 @@ class BufferedScorer:
             self._prime_noise(self.noise, stored, batch, new)
         self._primed.update(new)
         return len(frame)
+
+    def score(
+        self,
+        good: ReadingBatch,
+        sources: npt.NDArray[Any],
+        offsets: npt.NDArray[np.int64],
+        now_us: int | None = None,
+    ) -> tuple[pa.Table, pa.Table]:
+        """Predictions (``PREDICTION_SCHEMA``) and scores (``SCORE_SCHEMA``) for ``good``.
+
+        ``sources``/``offsets`` are the readings' bus positions (aligned with
+        ``good``). The batch's readings enter the feature buffers first: a
+        forecast from ``t`` may read ``t`` itself, the forecast judging ``t``
+        reads up to the step before it (the model's own horizon before, for
+        an online champion).
+        """
+        stamp = int(time.time_ns() // 1000) if now_us is None else now_us
+        if len(good) == 0:
+            return PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
+        frame = good.table.to_pandas()
+        self.state.update(frame)
+        ids = frame["meter_id"].astype(str).to_numpy()
+        ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
+        forecasts, judged = self._forecasts(ids, ts)
+        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
+        return self._rows(ids, ts, sources, offsets, stamp, forecasts, y, judged)
+
+    def _forecasts(
+        self, ids: npt.NDArray[Any], ts: pd.Series
+    ) -> tuple[list[tuple[int, pd.Series, Floats]], Floats]:
+        """``(horizon, target, (n, 4) forecast)`` per served horizon, and the forecast
+        judging each reading."""
+        raise NotImplementedError
 
     def _rows(
         self,
@@ -328,28 +400,12 @@ class ChampionScorer(BufferedScorer):
         fast = None if self.compiled is None else self.compiled.get(g)
         return self.model.predict_matrix(ids, x, g, self.state.names(g), fast)
 
-    def score(
-        self,
-        good: ReadingBatch,
-        sources: npt.NDArray[Any],
-        offsets: npt.NDArray[np.int64],
-        now_us: int | None = None,
-    ) -> tuple[pa.Table, pa.Table]:
-        """Predictions (``PREDICTION_SCHEMA``) and scores (``SCORE_SCHEMA``) for ``good``.
-
-        ``sources``/``offsets`` are the readings' bus positions (aligned with
-        ``good``). The batch's readings enter the feature buffers first: a
-        forecast from ``t`` may read ``t`` itself, the one-step forecast
-        judging ``t`` reads ``<= t - 1`` only.
-        """
-        n = len(good)
-        stamp = int(time.time_ns() // 1000) if now_us is None else now_us
-        if n == 0:
-            return PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
-        frame = good.table.to_pandas()
-        self.state.update(frame)
-        ids = frame["meter_id"].astype(str).to_numpy()
-        ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
+    def _forecasts(
+        self, ids: npt.NDArray[Any], ts: pd.Series
+    ) -> tuple[list[tuple[int, pd.Series, Floats]], Floats]:
+        """Per served horizon, the forecasts from each reading; and the one-step forecast
+        judging each reading (reused from ``t - 1`` where it was made, see
+        :meth:`_expected`)."""
         forecasts: list[tuple[int, pd.Series, Floats]] = []
         one_step: tuple[pd.Series, Floats] | None = None
         for h, g in self.served.items():
@@ -358,9 +414,7 @@ class ChampionScorer(BufferedScorer):
             if g == self.anomaly_horizon and h == 1:
                 one_step = (target, out)
             forecasts.append((h, target, out))
-        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
-        judged = self._expected(ids, ts, one_step)
-        return self._rows(ids, ts, sources, offsets, stamp, forecasts, y, judged)
+        return forecasts, self._expected(ids, ts, one_step)
 
     def _expected(
         self, ids: npt.NDArray[Any], ts: pd.Series, one_step: tuple[pd.Series, Floats] | None

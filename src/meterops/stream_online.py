@@ -30,14 +30,12 @@ readings the first time a meter appears, like the GBM scorer's.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-import pyarrow as pa
 
 from meterops.errors import ConfigError
 from meterops.features import FeatureState, resolve_horizon
@@ -49,7 +47,6 @@ from meterops.stream import (
     LoadedModel,
     ResidualScale,
 )
-from meterops.types import PREDICTION_SCHEMA, SCORE_SCHEMA, ReadingBatch
 
 __all__ = ["OnlineChampionScorer", "make_scorer"]
 
@@ -106,35 +103,14 @@ class OnlineChampionScorer(BufferedScorer):
         """``(n, 4)``: yhat, q10, q50, q90 for ``target`` from data ``<= target - g``."""
         return self.model.predict_matrix(self.state.feature_matrix(ids, target, g))
 
-    def score(
-        self,
-        good: ReadingBatch,
-        sources: npt.NDArray[Any],
-        offsets: npt.NDArray[np.int64],
-        now_us: int | None = None,
-    ) -> tuple[pa.Table, pa.Table]:
-        """Predictions (``PREDICTION_SCHEMA``) and scores (``SCORE_SCHEMA``) for ``good``.
-
-        ``sources``/``offsets`` are the readings' bus positions (aligned with
-        ``good``). The batch's readings enter the feature buffers first: a
-        forecast from ``t`` may read ``t`` itself, the forecast judging ``t``
-        reads ``<= t - g`` only.
-        """
-        n = len(good)
-        stamp = int(time.time_ns() // 1000) if now_us is None else now_us
-        if n == 0:
-            return PREDICTION_SCHEMA.empty_table(), SCORE_SCHEMA.empty_table()
-        frame = good.table.to_pandas()
-        self.state.update(frame)
-        ids = frame["meter_id"].astype(str).to_numpy()
-        ts = pd.Series(pd.to_datetime(frame["ts"], utc=True)).reset_index(drop=True)
+    def _forecasts(
+        self, ids: npt.NDArray[Any], ts: pd.Series
+    ) -> tuple[list[tuple[int, pd.Series, Floats]], Floats]:
         forecasts = []
         for h, g in self.served.items():
             target = ts + self.freq * h
             forecasts.append((h, target, self._forecast(ids, target, g)))
-        y = frame["value"].to_numpy(np.float64, na_value=np.nan)
-        judged = self._forecast(ids, ts, self.anomaly_horizon)
-        return self._rows(ids, ts, sources, offsets, stamp, forecasts, y, judged)
+        return forecasts, self._forecast(ids, ts, self.anomaly_horizon)
 
 
 def make_scorer(
