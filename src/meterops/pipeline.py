@@ -478,16 +478,17 @@ class Worker:
         started = time.perf_counter()
         prepared = self._retrying("score", lambda: self.prepare(messages))
         stats = self._retrying("store", lambda: self.write(prepared))
-        self._committed(messages)
-        stats = _with_seconds(stats, time.perf_counter() - started)
-        self.totals.add(stats)
-        return stats
+        return self._committed(messages, stats, started)
 
-    def _committed(self, messages: list[Message]) -> None:
-        """Commit the offsets of stored messages; then the online model may go to the registry."""
+    def _committed(self, messages: list[Message], stats: BatchStats, started: float) -> BatchStats:
+        """Commit the offsets of stored messages and count them; then the online model may
+        go to the registry. Returns the batch's stats timed from ``started``."""
         self._retrying("commit", lambda: self._open().commit(commit_map(messages)))
         if self._online_log is not None:
             self._online_log.maybe_log({f"{t}/{p}" for t, p in self._assignment})
+        stats = _with_seconds(stats, time.perf_counter() - started)
+        self.totals.add(stats)
+        return stats
 
     def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
         return retrying(self.settings.worker.retry_for, what, call, self._count_retry)
@@ -566,10 +567,7 @@ class Worker:
             return
         future, messages, started = self._pending
         self._pending = None
-        stats = future.result()
-        self._committed(messages)
-        stats = _with_seconds(stats, time.perf_counter() - started)
-        self.totals.add(stats)
+        stats = self._committed(messages, future.result(), started)
         report(stats, self.totals)
 
 
