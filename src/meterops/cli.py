@@ -717,7 +717,10 @@ def bench_ingest_cmd(
 def bench_pipeline_cmd(
     meters: Annotated[int, typer.Option(help="Simulated meters (hourly).")] = 1000,
     train_days: Annotated[int, typer.Option(help="Days the champion is trained on.")] = 30,
-    backlog_days: Annotated[int, typer.Option(help="Days in each drained backlog.")] = 5,
+    backlog_days: Annotated[
+        int,
+        typer.Option(help="Days in each drained backlog (several micro-batches: steady state)."),
+    ] = 20,
     rate: Annotated[float, typer.Option(help="Steady readings/s for latency.")] = 10_000.0,
     seconds: Annotated[float, typer.Option(help="Duration of the steady run.")] = 20.0,
     river_rows: Annotated[int, typer.Option(help="Readings River processes.")] = 20_000,
