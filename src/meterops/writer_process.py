@@ -14,8 +14,9 @@ writes, and answers on ``OUT``: first ``("ready", None, 0)`` once its
 connections are open, then ``("ok", stats, retries)`` or
 ``("error", exception, retries)`` per batch.
 
-Offsets are still committed by the parent, after the answer. When the parent
-dies (``kill -9`` included) the pipe closes and this process exits after the
+Offsets are still committed by the parent, after the answer. This process
+ignores Ctrl-C and SIGTERM (see :func:`main`); when the parent exits or dies
+(``kill -9`` included) the pipe closes and this process exits after the
 write in hand, which the store's idempotent write makes harmless: the batch
 is redelivered to the next worker.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import signal
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -84,7 +86,14 @@ def _answer(outbox: Connection, reply: tuple[Any, ...]) -> None:
 
 def main(argv: list[str]) -> None:
     """Serve the pipes ``argv[0]`` (in) and ``argv[1]`` (out); the spool dir ``argv[2]``
-    is removed on the way out, should the parent have died without removing it."""
+    is removed on the way out, should the parent have died without removing it.
+
+    Ctrl-C and SIGTERM reach the whole process group; the worker answers them
+    by finishing its pending write, which needs this process alive. So they
+    are ignored here: this process ends when its pipe closes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="meterops writer: %(message)s")
     try:
         serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False))

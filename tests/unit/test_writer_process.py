@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from multiprocessing import Pipe
 from typing import Any
@@ -95,3 +98,24 @@ def test_an_error_that_cannot_be_pickled_reaches_the_parent_as_text() -> None:
     kind, exc, retries = parent.recv()
     assert (kind, retries) == ("error", 2)
     assert isinstance(exc, RuntimeError) and str(exc) == "_Unpicklable: disk on fire"
+
+
+def test_the_writer_process_outlives_ctrl_c_and_sigterm_sent_to_the_group(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The worker stops on them by finishing its pending write, which needs the child."""
+    settings = make_settings(worker={"poll_timeout": 0.05, "writer": "process"})
+    with Pipeline(settings) as pipe:
+        list(pipe.publish([with_bad_rows()]))
+        worker = pipe.worker()
+        worker._open()
+        worker.warm()
+        writer = worker._writer
+        assert isinstance(writer, ProcessWriter)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(writer._proc.pid, sig)
+        with pytest.raises(subprocess.TimeoutExpired):
+            writer._proc.wait(timeout=0.5)
+        totals = worker.run(until_idle=True)
+        assert totals.stored == 15 and pipe.status()["lag"] == 0
+        assert writer._proc.returncode == 0  # ended when the worker closed its pipe
