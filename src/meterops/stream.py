@@ -67,6 +67,7 @@ log = logging.getLogger("meterops.stream")
 
 Floats = npt.NDArray[np.float64]
 _SIGMAS_80 = 2.0 * 1.2815515655446004  # width of a normal's 80 % interval, in sigmas
+_MISS_80 = 0.2  # how often a calibrated 80 % interval misses
 
 
 @dataclass(frozen=True)
@@ -84,23 +85,38 @@ def anomaly_scores(
     threshold: float,
     scale: ResidualScale | None = None,
     ids: npt.NDArray[Any] | None = None,
-) -> tuple[Floats, npt.NDArray[np.bool_], Floats]:
-    """Score, flag and model sigma of each reading against its forecast (yhat, q10, q50, q90).
+) -> tuple[Floats, npt.NDArray[np.bool_], Floats, Floats]:
+    """Score, flag, model sigma and interval widening of each reading against its
+    forecast (yhat, q10, q50, q90).
 
     ``z = |y - yhat| / sigma`` with sigma from the 80 % interval, divided by
     the meter's own residual scale when ``scale`` is given (``ids`` aligned
     with ``y``, rows in time order per meter); the score is
     ``1 - exp(-z^2 / 2)`` (NaN without a usable interval), the flag
-    ``z > threshold``.
+    ``z > threshold``. The widening (1 without ``scale``) is what the meter's
+    intervals issued at that reading are widened by (:meth:`ResidualScale.scales`).
     """
     sigma = (forecast[:, 3] - forecast[:, 1]) / _SIGMAS_80
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(y - forecast[:, 0]) / sigma
     ok = np.isfinite(z) & (sigma > 0)
+    widen = np.ones(len(y))
     if scale is not None and ids is not None:
-        z = z / scale.apply(ids, np.where(ok, z, np.nan))
+        z_scale, widen = scale.scales(ids, np.where(ok, z, np.nan))
+        z = z / z_scale
     score = np.where(ok, -np.expm1(-0.5 * np.where(ok, z, 0.0) ** 2), np.nan)
-    return score, ok & (z > threshold), sigma
+    return score, ok & (z > threshold), sigma, widen
+
+
+def _widened(forecast: Floats, widen: Floats) -> Floats:
+    """``forecast`` (yhat, q10, q50, q90) with q10 and q90 moved away from q50 by ``widen``
+    (a copy: the one-step forecasts kept for judging stay the model's)."""
+    if not (widen > 1).any():
+        return forecast
+    out = forecast.copy()
+    for col in (1, 3):
+        out[:, col] = forecast[:, 2] + widen * (forecast[:, col] - forecast[:, 2])
+    return out
 
 
 class ResidualScale:
@@ -118,6 +134,16 @@ class ResidualScale:
     by ``prior`` pseudo-readings.
     It only widens: a meter as calm as the fleet keeps the model's intervals.
 
+    The same windows also count how often the meter's readings fell outside
+    the model's 80 % interval (``|z| > 1.28``), shrunk towards 20 % by the same
+    ``prior``. When that miss rate is clearly above one in five (its value
+    less two standard errors still is), the intervals issued at a reading are
+    widened around q50 by the same ``sqrt(s2)``; otherwise they stay the
+    model's. The gate is the miss rate because heavy tails alone inflate
+    ``s2`` but not the miss rate of a calibrated interval; the width is
+    ``s2`` because a miss rate saturates for a meter many times noisier than
+    the fleet and would under-widen it.
+
     Only readings before ``t`` enter the scale judging ``t``. Every scored
     reading enters its meter's window, and each stored score keeps the value,
     the expected value and the model's sigma, so a scorer meeting a meter
@@ -131,6 +157,7 @@ class ResidualScale:
         self.prior = prior
         self._row: dict[Any, int] = {}  # meter -> row of the buffers
         self._values = np.zeros((0, window))  # last values per meter, right-aligned
+        self._misses = np.zeros((0, window))  # 1 where that value missed the 80 % interval
         self._counts = np.zeros(0, np.int64)
 
     def prime(self, meter_ids: npt.NDArray[Any], z: Floats) -> None:
@@ -144,9 +171,9 @@ class ResidualScale:
                 self._row[meter] = len(self._row)
         if len(self._row) > len(self._values):
             grown = max(2 * len(self._values), len(self._row))
-            self._values = np.vstack(
-                [self._values, np.zeros((grown - len(self._values), self.window))]
-            )
+            more = np.zeros((grown - len(self._values), self.window))
+            self._values = np.vstack([self._values, more])
+            self._misses = np.vstack([self._misses, more])
             self._counts = np.concatenate(
                 [self._counts, np.zeros(grown - len(self._counts), np.int64)]
             )
@@ -154,14 +181,19 @@ class ResidualScale:
         return rows  # rows are numbered in insertion order: positions in the dict
 
     def apply(self, meter_ids: npt.NDArray[Any], z: Floats) -> Floats:
-        """The scale of each reading's ``z`` (from earlier readings), then add them to windows.
+        """The scale of each reading's ``z`` (from earlier readings), then add them to windows."""
+        return self.scales(meter_ids, z)[0]
+
+    def scales(self, meter_ids: npt.NDArray[Any], z: Floats) -> tuple[Floats, Floats]:
+        """Each reading's ``z`` scale and interval widening (both from earlier readings),
+        then add the readings to their meters' windows.
 
         Vectorised over meters: each meter's kept values, then its new ones,
         are laid end to end in one flat array, and window sums are
         differences of one cumulative sum.
         """
         if len(z) == 0:
-            return np.ones(0)
+            return np.ones(0), np.ones(0)
         rows = self._rows_of(meter_ids)
         order = np.argsort(rows, kind="stable")  # by meter, time order kept within each
         meter, new = rows[order], z[order]
@@ -173,32 +205,43 @@ class ResidualScale:
         added = np.add.reduceat(valid.astype(np.int64), starts)
         seg_start = np.r_[0, np.cumsum(kept + added)[:-1]]
         flat = np.empty(int((kept + added).sum()))
+        missed = np.empty(len(flat))
         # kept values: right-aligned in the buffer rows (oldest first)
         slot = np.arange(self.window)
         keep = slot[None, :] >= (self.window - kept)[:, None]
         flat_pos = seg_start[:, None] + slot[None, :] - (self.window - kept)[:, None]
         flat[flat_pos[keep]] = self._values[metas][keep]
+        missed[flat_pos[keep]] = self._misses[metas][keep]
         # new values after them, in time order
         group = np.repeat(np.arange(len(metas)), ends - starts)
         rank = np.cumsum(valid) - valid  # valid values before each row, over the batch
         rank_in = rank - rank[starts][group]
         at = seg_start[group] + kept[group] + rank_in
         flat[at[valid]] = np.minimum(new[valid] ** 2, self.cap2)
-        sums = np.r_[0.0, np.cumsum(flat)]
+        missed[at[valid]] = np.abs(new[valid]) > _SIGMAS_80 / 2
         first = np.maximum(at - self.window, seg_start[group])
-        s2 = (sums[at] - sums[first] + self.prior) / (at - first + self.prior)
-        out = np.empty(len(z))
-        out[order] = np.sqrt(np.maximum(s2, 1.0))
+        n = at - first + self.prior
+        sums = np.r_[0.0, np.cumsum(flat)]
+        s2 = (sums[at] - sums[first] + self.prior) / n
+        misses = np.r_[0.0, np.cumsum(missed)]
+        rate = (misses[at] - misses[first] + _MISS_80 * self.prior) / n
+        clearly = rate - 2 * np.sqrt(rate * (1 - rate) / n) > _MISS_80
+        scale = np.sqrt(np.maximum(s2, 1.0))
+        out, wide = np.empty(len(z)), np.empty(len(z))
+        out[order] = scale
+        wide[order] = np.where(clearly, scale, 1.0)
         # the last ``window`` values of each meter become its kept values
         total = kept + added
         count = np.minimum(total, self.window)
         seg_end = seg_start + total
         take = np.clip(seg_end[:, None] - self.window + slot[None, :], 0, None)
         fill = slot[None, :] >= (self.window - count)[:, None]
-        last = flat[np.minimum(take, len(flat) - 1)] if len(flat) else np.zeros(take.shape)
+        at_last = np.minimum(take, len(flat) - 1)
+        last = flat[at_last] if len(flat) else np.zeros(take.shape)
         self._values[metas] = np.where(fill, last, 0.0)
+        self._misses[metas] = np.where(fill, missed[at_last] if len(flat) else 0.0, 0.0)
         self._counts[metas] = count
-        return out
+        return out, wide
 
 
 class BufferedScorer:
@@ -286,6 +329,7 @@ class BufferedScorer:
         """The predictions (one ``(horizon, target, (n, 4) forecast)`` per served horizon)
         and the scores of readings ``y`` judged against the forecasts ``judged``."""
         n = len(ids)
+        score, flag, sigma, widen = anomaly_scores(y, judged, self.threshold, self.noise, ids)
         common = {
             "meter_id": pa.array(ids, pa.string()),
             "ts": pa.array(ts, TS_TYPE),
@@ -295,7 +339,8 @@ class BufferedScorer:
             "scored_at": pa.array(np.full(n, stamp, np.int64)),
         }
         parts = []
-        for h, target, out in forecasts:
+        for h, target, made in forecasts:
+            out = _widened(made, widen)
             columns = common | {
                 "horizon": pa.array(np.full(n, h, np.int32)),
                 "target_ts": pa.array(target, TS_TYPE),
@@ -306,7 +351,6 @@ class BufferedScorer:
             }
             parts.append(pa.table([columns[c] for c in PREDICTION_SCHEMA.names], PREDICTION_SCHEMA))
         predictions = pa.concat_tables(parts) if parts else PREDICTION_SCHEMA.empty_table()
-        score, flag, sigma = anomaly_scores(y, judged, self.threshold, self.noise, ids)
         columns = common | {
             "value": pa.array(y, pa.float64()),
             "expected": pa.array(judged[:, 0], pa.float64()),

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from meterops.features import FeatureSpec
@@ -154,6 +155,50 @@ def test_a_meter_noisier_than_the_fleet_is_judged_on_its_own_residuals(
     assert scaled_flags[spike]  # a real spike still stands out
 
 
+def _coverage(predictions: pa.Table, stream: pd.DataFrame, after: pd.Timestamp) -> dict[int, float]:
+    """Per horizon, the share of later readings inside the 80 % interval issued for them."""
+    p = predictions.to_pandas()
+    actual = stream.rename(columns={"ts": "target_ts", "value": "y"})
+    m = p.merge(actual, on=["meter_id", "target_ts"])
+    m = m[m["ts"] >= after]
+    inside = (m["y"] >= m["q10"]) & (m["y"] <= m["q90"])
+    return {int(h): float(v) for h, v in inside.groupby(m["horizon"]).mean().items()}
+
+
+def test_intervals_widen_for_a_meter_that_misses_them_and_stay_for_a_calibrated_one(
+    champion: LoadedModel,
+) -> None:
+    """The unseen noisy meter's 80 % intervals cover about 80 % once its misses are
+    clear; the fleet's meters, calibrated, keep the model's intervals exactly."""
+    rng = np.random.default_rng(6)
+    noisy = fleet(meters=1, days=14, seed=6)
+    noisy["meter_id"] = "unseen"
+    noisy["value"] += rng.normal(0, 0.4, len(noisy))
+    calm = fleet(days=14, seed=7)
+    stream = pd.concat([noisy, calm], ignore_index=True)
+    stream["ts"] += pd.Timedelta("30D")
+    stream = stream.sort_values(["ts", "meter_id"], kind="stable").reset_index(drop=True)
+    sources, offsets = positions(len(stream))
+    batch = ReadingBatch.from_pandas(stream)
+    plain, _ = ChampionScorer(champion, ScoringSettings(noise_window=0)).score(
+        batch, sources, offsets, 0
+    )
+    own, _ = ChampionScorer(champion, ScoringSettings(noise_window=168)).score(
+        batch, sources, offsets, 0
+    )
+    after = stream["ts"].min() + pd.Timedelta("7D")
+    is_noisy = stream["meter_id"] == "unseen"
+    before = _coverage(plain, stream[is_noisy], after)
+    widened = _coverage(own, stream[is_noisy], after)
+    assert max(before.values()) < 0.45
+    assert all(0.7 <= v <= 0.92 for v in widened.values()), widened
+    # the calibrated meters: identical predictions, and about 80 % coverage
+    kept = own.filter(pc.not_equal(own.column("meter_id"), "unseen"))
+    model = plain.filter(pc.not_equal(plain.column("meter_id"), "unseen"))
+    assert kept.equals(model)
+    assert all(0.7 <= v <= 0.9 for v in _coverage(kept, stream[~is_noisy], after).values())
+
+
 def test_residual_scales_depend_on_earlier_readings_only_not_on_batches() -> None:
     rng = np.random.default_rng(5)
     ids = np.array(["a", "b", "a", "c", "b", "a"] * 50)
@@ -170,6 +215,13 @@ def test_residual_scales_depend_on_earlier_readings_only_not_on_batches() -> Non
         window = earlier[-20:]
         expected = np.sqrt(max(1.0, (sum(window) + 5) / (len(window) + 5)))
         assert whole[i] == pytest.approx(expected)
+        # intervals widen by the same scale only when the meter clearly misses them
+        misses = [v > 1.2815515655446004**2 for v in window]  # squared (capped) z kept
+        n = len(window) + 5
+        rate = (sum(misses) + 0.2 * 5) / n
+        clearly = rate - 2 * np.sqrt(rate * (1 - rate) / n) > 0.2
+        widen = ResidualScale(window=20, cap=4.0, prior=5).scales(ids[: i + 1], z[: i + 1])[1]
+        assert widen[-1] == pytest.approx(expected if clearly else 1.0)
     # primed from stored residuals: the same as having seen them
     primed = ResidualScale(window=20, cap=4.0, prior=5)
     primed.prime(ids[:150], z[:150])
