@@ -12,9 +12,8 @@ project's registry, the recent training days stored as history, then:
   horizon, anomaly scores, online learners, one store transaction, lake,
   predictions topic, commit), timed from the first poll to idle. The worker
   is warmed up first, untimed: it has scored the backlog's first time step
-  (so every meter's history is in its buffers and learners), its champion's
-  boosters are compiled and its writer (a process on SQLite) is up;
-  start-up costs are not throughput;
+  (so every meter's history is in its buffers and learners) and its
+  champion's boosters are compiled; start-up costs are not throughput;
 * **latency**: after the same warm-up, a steady ``rate`` readings/s (one
   message per time step) for ``latency_seconds``; latency of a reading = the time its prediction is
   stored (``scored_at``) minus the time its message was published;

@@ -14,21 +14,13 @@ results.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
-import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -48,7 +40,7 @@ from meterops.bus.base import (
     Consumer,
     Producer,
 )
-from meterops.errors import BackendError, ConfigError, Unavailable
+from meterops.errors import ConfigError, Unavailable
 from meterops.lake import Lake
 from meterops.settings import Settings, redact_url
 from meterops.store.base import RecentReadings, Scored, Store
@@ -67,11 +59,9 @@ from meterops.validate import validate
 __all__ = [
     "BatchStats",
     "Pipeline",
-    "ProcessWriter",
     "Worker",
     "WorkerTotals",
     "commit_map",
-    "make_writer",
     "retrying",
     "store_prepared",
 ]
@@ -333,12 +323,7 @@ class Worker:
         """Wait until the champion's compiled predictors serve (or compiling gave up).
 
         For benchmarks and demos that want steady-state numbers; scoring never waits.
-        A pipelined worker's writer is started too, and waited for.
         """
-        if self._pipelined:
-            if self._writer is None:
-                self._writer = make_writer(self.settings, self._count_retry)
-            self._writer.ready(timeout)
         compiled = getattr(self._scorer, "compiled", None)  # GBM champions only
         return True if compiled is None else bool(compiled.wait(timeout))
 
@@ -530,9 +515,10 @@ class Worker:
         """
         stop = stop or threading.Event()
         report = on_batch or (lambda _stats, _totals: None)
+        pipelined = ":memory:" not in self.settings.backends.store
         try:
             while not stop.is_set():
-                if not self._pipelined:
+                if not pipelined:
                     stats = self.step()
                     if stats is not None:
                         report(stats, self.totals)
@@ -548,12 +534,6 @@ class Worker:
                 self.close()
         return self.totals
 
-    @property
-    def _pipelined(self) -> bool:
-        """Whether :meth:`run` overlaps writes with scoring (not for SQLite ``:memory:``,
-        which only its own connection sees)."""
-        return ":memory:" not in self.settings.backends.store
-
     def _step_pipelined(self, report: Callable[[BatchStats, WorkerTotals], None]) -> bool:
         """Poll and score one micro-batch and hand it to the writer; False when idle."""
         wait = self.settings.worker.poll_timeout
@@ -566,11 +546,11 @@ class Worker:
         if not messages:
             return False
         self._follow_assignment()
-        if self._writer is None:  # before scoring: a writer process starts meanwhile
-            self._writer = make_writer(self.settings, self._count_retry)
         started = time.perf_counter()
         prepared = self._retrying("score", lambda: self.prepare(messages))
         self._settle(report)
+        if self._writer is None:
+            self._writer = _Writer(self.settings, self._count_retry)
         self._pending = (self._writer.submit(prepared), messages, started)
         return True
 
@@ -646,10 +626,14 @@ class _Writer:
     Its own :class:`Pipeline` because connections are not shared across
     threads (SQLite's are bound to theirs); they are opened and closed in
     the writer thread. The overlap comes from the time the database, the
-    lake and the bus spend outside the GIL: small on the embedded backends
-    with 2 cores (both threads are mostly Python and NumPy; a writer
-    process was tried and its start-up and pickling ate the gain), larger
-    with PostgreSQL and Kafka, where a write waits on the network.
+    lake and the bus spend outside the GIL: large with PostgreSQL and Kafka,
+    where a write waits on the network; with SQLite too, whose ``sqlite3_step``
+    runs without the GIL. A writer *process* was tried twice and measured no
+    faster: with ``multiprocessing`` (start-up and pickling ate the gain),
+    then as a ``python -m`` child fed through ``/dev/shm`` (``meterops bench
+    pipeline``, 480,000 readings: 30,567 and 29,055 readings/s against
+    31,406 with this thread; the binding limit is the one SQLite writer's
+    work, about 2.2 CPU-s per 100,000 readings, not the GIL).
     """
 
     def __init__(self, settings: Settings, on_retry: Callable[[], None]) -> None:
@@ -660,9 +644,6 @@ class _Writer:
 
     def submit(self, prepared: Prepared) -> Future[BatchStats]:
         return self._pool.submit(self._write, prepared)
-
-    def ready(self, timeout: float | None = None) -> None:
-        """Wait until the writer can take a batch (a thread always can)."""
 
     def _write(self, prepared: Prepared) -> BatchStats:
         if self._pipe is None:
@@ -681,92 +662,6 @@ class _Writer:
             self._pool.submit(self._close_pipe).result()
         finally:
             self._pool.shutdown(wait=True)
-
-
-class ProcessWriter(_Writer):
-    """A :class:`_Writer` whose writes run in a child process (:mod:`meterops.writer_process`).
-
-    For SQLite, where writing is CPU work under the GIL (binding every value of
-    every row), a child process gives it a core of its own. The child is a
-    fresh ``python -m`` interpreter, not a ``multiprocessing`` fork or spawn:
-    forking a process with running threads is unsafe, and spawn re-imports the
-    caller's ``__main__``. It starts when the writer is made, so its start-up
-    overlaps the scoring of the first micro-batch. This thread sends each batch
-    and waits for its answer (outside the GIL); a child that dies fails the
-    write with :class:`BackendError`, and nothing of that batch is committed.
-    """
-
-    def __init__(self, settings: Settings, on_retry: Callable[[], None]) -> None:
-        super().__init__(settings, on_retry)
-        shm = Path("/dev/shm")  # memory-backed where there is one  # noqa: S108
-        self._spool = Path(
-            tempfile.mkdtemp(prefix="meterops-writer-", dir=shm if shm.is_dir() else None)
-        )
-        self._sent = 0
-        from_child, child_out = os.pipe()
-        child_in, to_child = os.pipe()
-        try:
-            args = [str(child_in), str(child_out), str(self._spool)]
-            self._proc = subprocess.Popen(  # noqa: S603 - our own module, no shell
-                [sys.executable, "-m", "meterops.writer_process", *args],
-                pass_fds=(child_in, child_out),
-            )
-        finally:
-            os.close(child_in)
-            os.close(child_out)
-        self._to = Connection(to_child, readable=False)
-        self._from = Connection(from_child, writable=False)
-        self._to.send(settings)
-        self._started = self._pool.submit(self._answer)  # "ready", once its connections open
-
-    def ready(self, timeout: float | None = None) -> None:
-        self._started.result(timeout)
-
-    def _answer(self) -> Any:
-        """The child's next answer (re-raised when it is an error)."""
-        try:
-            kind, value, retries = self._from.recv()
-        except (EOFError, OSError) as exc:
-            raise BackendError(
-                f"the writer process died (exit code {self._proc.poll()}); "
-                "a micro-batch it held is not committed and will be delivered again"
-            ) from exc
-        for _ in range(retries):
-            self.on_retry()
-        if kind == "error":
-            raise value
-        return value
-
-    def _write(self, prepared: Prepared) -> BatchStats:
-        # The batch goes through a file in one write: sent down the pipe in 64 kB
-        # pieces, each waiting for the GIL, 40 MB took half a second.
-        self._sent += 1
-        path = self._spool / f"{self._sent}.pickle"
-        path.write_bytes(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))
-        with contextlib.suppress(OSError):  # the child is gone: _answer says so
-            self._to.send(str(path))
-        stats: BatchStats = self._answer()
-        return stats
-
-    def _close_pipe(self) -> None:
-        self._to.close()  # the child finishes and exits
-        try:
-            self._proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        finally:
-            self._from.close()
-            shutil.rmtree(self._spool, ignore_errors=True)
-
-
-def make_writer(settings: Settings, on_retry: Callable[[], None]) -> _Writer:
-    """The writer ``[worker] writer`` asks for (``auto``: a process for a SQLite file store)."""
-    kind = settings.worker.writer
-    if kind == "auto":
-        store = settings.backends.store
-        kind = "process" if store.startswith("sqlite") and ":memory:" not in store else "thread"
-    return ProcessWriter(settings, on_retry) if kind == "process" else _Writer(settings, on_retry)
 
 
 def _with_seconds(stats: BatchStats, seconds: float) -> BatchStats:

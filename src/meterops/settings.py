@@ -14,7 +14,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,9 +126,6 @@ class WorkerSettings(_Section):
     batch_rows: int = Field(100_000, ge=1)
     poll_timeout: float = Field(0.5, gt=0)
     retry_for: float = Field(300.0, ge=0)  # keep retrying an unreachable backend this long
-    # who writes micro-batch k while k + 1 is scored: a thread, or a child process
-    # (a core of its own; "auto": a process for a SQLite file, whose writes are CPU work)
-    writer: Literal["auto", "thread", "process"] = "auto"
 
 
 class ScoringSettings(_Section):
@@ -331,8 +328,6 @@ group = "workers"         # consumer group: workers in one group share partition
 batch_rows = 100000       # micro-batch size
 poll_timeout = 0.5        # seconds to wait for new readings
 retry_for = 300           # seconds to keep retrying an unreachable bus or store (backoff)
-writer = "auto"           # writes batch k while k+1 is scored: "thread", "process" (own core),
-                          # "auto" = a process for a SQLite file store, else a thread
 
 [scoring]
 # The worker scores every valid reading with the registry's champion.

@@ -116,8 +116,7 @@ class FlakyStore:
     """A store whose writes fail as if the server were down, ``budget["left"]`` times.
 
     The budget is shared by every store the pipeline opens: the worker's own
-    and its writer thread's. (A writer process opens its own stores, which this
-    patch does not reach: these tests use the thread writer.)
+    and its writer thread's.
     """
 
     def __init__(self, inner: object, budget: dict[str, int]) -> None:
@@ -145,9 +144,8 @@ def flaky_stores(monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
 
 
 def test_an_unavailable_store_is_retried_with_backoff_and_nothing_is_lost(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(worker={"poll_timeout": 0.05, "writer": "thread"})
     flaky_stores(monkeypatch, failures=3)
     with Pipeline(settings) as pipe:
         list(pipe.publish([readings(meters=5, steps=10)]))
@@ -161,7 +159,7 @@ def test_an_unavailable_store_is_retried_with_backoff_and_nothing_is_lost(
 def test_the_worker_gives_up_after_retry_for(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(worker={"poll_timeout": 0.05, "retry_for": 0.2, "writer": "thread"})
+    settings = make_settings(worker={"poll_timeout": 0.05, "retry_for": 0.2})
     flaky_stores(monkeypatch, failures=1000)
     with Pipeline(settings) as pipe:
         list(pipe.publish([readings(meters=1, steps=2)]))
