@@ -157,7 +157,6 @@ class ResidualScale:
         self.prior = prior
         self._row: dict[Any, int] = {}  # meter -> row of the buffers
         self._values = np.zeros((0, window))  # last values per meter, right-aligned
-        self._misses = np.zeros((0, window))  # 1 where that value missed the 80 % interval
         self._counts = np.zeros(0, np.int64)
 
     def prime(self, meter_ids: npt.NDArray[Any], z: Floats) -> None:
@@ -173,7 +172,6 @@ class ResidualScale:
             grown = max(2 * len(self._values), len(self._row))
             more = np.zeros((grown - len(self._values), self.window))
             self._values = np.vstack([self._values, more])
-            self._misses = np.vstack([self._misses, more])
             self._counts = np.concatenate(
                 [self._counts, np.zeros(grown - len(self._counts), np.int64)]
             )
@@ -205,25 +203,23 @@ class ResidualScale:
         added = np.add.reduceat(valid.astype(np.int64), starts)
         seg_start = np.r_[0, np.cumsum(kept + added)[:-1]]
         flat = np.empty(int((kept + added).sum()))
-        missed = np.empty(len(flat))
         # kept values: right-aligned in the buffer rows (oldest first)
         slot = np.arange(self.window)
         keep = slot[None, :] >= (self.window - kept)[:, None]
         flat_pos = seg_start[:, None] + slot[None, :] - (self.window - kept)[:, None]
         flat[flat_pos[keep]] = self._values[metas][keep]
-        missed[flat_pos[keep]] = self._misses[metas][keep]
         # new values after them, in time order
         group = np.repeat(np.arange(len(metas)), ends - starts)
         rank = np.cumsum(valid) - valid  # valid values before each row, over the batch
         rank_in = rank - rank[starts][group]
         at = seg_start[group] + kept[group] + rank_in
         flat[at[valid]] = np.minimum(new[valid] ** 2, self.cap2)
-        missed[at[valid]] = np.abs(new[valid]) > _SIGMAS_80 / 2
         first = np.maximum(at - self.window, seg_start[group])
         n = at - first + self.prior
         sums = np.r_[0.0, np.cumsum(flat)]
         s2 = (sums[at] - sums[first] + self.prior) / n
-        misses = np.r_[0.0, np.cumsum(missed)]
+        # a miss of the 80 % interval: |z| > 1.28 (the cap is above it)
+        misses = np.r_[0.0, np.cumsum(flat > (_SIGMAS_80 / 2) ** 2)]
         rate = (misses[at] - misses[first] + _MISS_80 * self.prior) / n
         clearly = rate - 2 * np.sqrt(rate * (1 - rate) / n) > _MISS_80
         scale = np.sqrt(np.maximum(s2, 1.0))
@@ -236,10 +232,8 @@ class ResidualScale:
         seg_end = seg_start + total
         take = np.clip(seg_end[:, None] - self.window + slot[None, :], 0, None)
         fill = slot[None, :] >= (self.window - count)[:, None]
-        at_last = np.minimum(take, len(flat) - 1)
-        last = flat[at_last] if len(flat) else np.zeros(take.shape)
+        last = flat[np.minimum(take, len(flat) - 1)] if len(flat) else np.zeros(take.shape)
         self._values[metas] = np.where(fill, last, 0.0)
-        self._misses[metas] = np.where(fill, missed[at_last] if len(flat) else 0.0, 0.0)
         self._counts[metas] = count
         return out, wide
 
