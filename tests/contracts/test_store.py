@@ -533,7 +533,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def run_raw(url: str, sql: list[str]) -> None:
     """Run statements on the store's database directly, as an older release would have."""
     if url.startswith("sqlite"):
-        path = Path(url.partition("://")[2])
+        path = Path(url.partition("://")[2].partition("?")[0])
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None)
         try:
