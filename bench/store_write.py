@@ -77,6 +77,7 @@ def batch(index: int, meters: int, steps: int) -> tuple[ReadingBatch, Scored]:
             "ts": pa.array(ts).cast(TS_TYPE),
             "value": value,
             "expected": value + 0.1,
+            "sigma": np.full(n, 0.2),
             "score": rng.random(n),
             "is_anomaly": rng.random(n) < 0.01,
             "model": ["gbm/3"] * n,

@@ -583,3 +583,35 @@ def test_a_database_of_the_first_schema_version_upgrades(empty_url: str, tmp_pat
         assert store.meters()["cluster"].tolist() == [4]
     with make_store(settings).open() as store:  # reopening applies nothing twice
         assert store.counts().predictions == 1
+
+
+def test_predictions_waiting_in_a_version_4_database_get_their_actuals(
+    empty_url: str, tmp_path: Path
+) -> None:
+    """Version 5 finds waiting predictions by their leads; those stored before it too."""
+    settings = load_settings(None, project_dir=tmp_path, backends={"store": empty_url})
+    url = settings.resolve(settings.backends.store)
+    dialect = SQLITE if url.startswith("sqlite") else POSTGRES
+    hour, t0 = 3_600_000_000, int(pd.Timestamp("2024-01-01", tz="UTC").value // 1000)
+    columns = 'meter_id, ts, horizon, target_ts, yhat, model, source, "offset", scored_at'
+    run_raw(
+        url,
+        [
+            "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+            *(s for script in migrations(dialect)[:4] for s in statements(script)),
+            "INSERT INTO schema_version VALUES (4)",
+            f"INSERT INTO predictions ({columns}) VALUES "  # noqa: S608
+            f"('m-0', {t0}, 1, {t0 + hour}, 1.0, 'm/1', 'r/0', 0, 0), "
+            f"('m-0', {t0}, 2, {t0 + 2 * hour}, 2.0, 'm/1', 'r/0', 0, 0), "
+            f"('m-1', {t0 + hour}, 1, {t0 + 2 * hour}, 3.0, 'm/1', 'r/0', 1, 0)",
+        ],
+    )
+    with make_store(settings).open() as store:
+        later = readings(meters=2, steps=3)  # m-0 and m-1 at hours 0, 1, 2
+        result = store.write(later, NO_DEAD, {})
+        assert result.actuals == 3
+        got = store.predictions().set_index(["meter_id", "horizon"])["actual"]
+        values = later.table.to_pandas().set_index(["meter_id", "ts"])["value"]
+        at = pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta([1, 2, 2], "h")
+        expected = [values[("m-0", at[0])], values[("m-0", at[1])], values[("m-1", at[2])]]
+        assert got.tolist() == pytest.approx(expected)

@@ -15,7 +15,7 @@ from meterops.errors import ConfigError
 from meterops.settings import load_settings
 from meterops.store import _native
 from meterops.store.base import Store
-from meterops.store.sqlite import SQLiteStore
+from meterops.store.sqlite import FILL_ACTUALS, SQLiteStore
 
 pytestmark = pytest.mark.skipif(
     not _native.AVAILABLE, reason="the column module did not build (no C compiler?)"
@@ -115,3 +115,14 @@ def test_the_store_url_chooses_the_binding(tmp_path: Path) -> None:
     assert rows.path == str(tmp_path / "a.db")
     with pytest.raises(ConfigError, match="bind=columns"):
         store("sqlite:///a.db?bind=fast")
+
+
+def test_waiting_predictions_are_found_by_primary_key(tmp_path: Path) -> None:
+    with SQLiteStore(str(tmp_path / "s.db")).open() as store:
+        name = store._columns(pa.table({f"c{i}": [0] for i in range(4)}))
+        plan = store.conn.execute(
+            f"EXPLAIN QUERY PLAN {FILL_ACTUALS.format(waiting=name)}", (b"",)
+        ).fetchall()
+    details = [row[-1] for row in plan]
+    assert any(d.startswith("SCAN w VIRTUAL TABLE") for d in details), details
+    assert "SEARCH predictions USING PRIMARY KEY (ts=? AND meter_id=? AND horizon=?)" in details

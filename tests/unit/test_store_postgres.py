@@ -267,7 +267,11 @@ def test_the_actual_joins_probe_the_indexes(postgres_url: str) -> None:
         conn.execute(BY_INDEX)
         conn.execute("CREATE TEMP TABLE _r AS SELECT meter_id, ts, value FROM readings LIMIT 500")
         conn.execute("CREATE TEMP TABLE _q AS SELECT 0::bigint AS i, meter_id, ts FROM readings")
-        for sql, index in ((FILL_ACTUALS, "predictions_target"), (STORED_VALUES, "readings_pkey")):
+        probes = (
+            (FILL_ACTUALS, "predictions_by_time_pkey", "(ts = w.ts) AND (meter_id = w.meter_id)"),
+            (STORED_VALUES, "readings_pkey", "(meter_id = q.meter_id) AND (ts = q.ts)"),
+        )
+        for sql, index, key in probes:  # the whole key: no scan of a meter's or a time's rows
             plan = "\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {sql}").fetchall())
-            assert f"Index Scan using {index}" in plan, plan
+            assert f"Index Scan using {index}" in plan and f"Index Cond: ({key}" in plan, plan
             assert "Seq Scan on predictions" not in plan and "Seq Scan on readings" not in plan

@@ -119,11 +119,12 @@ def _read_index(path: Path, start_entry: int = 0) -> np.ndarray:
     return np.frombuffer(raw[:usable], _INDEX)
 
 
-def _encode(table: pa.Table) -> bytes:
+def _encode(table: pa.Table) -> pa.Buffer:
+    """The IPC stream of ``table``, in Arrow's buffer (written out without a copy)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return bytes(sink.getvalue())
+    return sink.getvalue()
 
 
 def _decode(payload: bytes) -> pa.Table:
@@ -137,7 +138,7 @@ class _Partition:
         self.dir = root / "topics" / topic / str(partition)
         self.lock = self.dir / ".lock"
 
-    def append(self, payload: bytes, rows: int, segment_bytes: int, fsync: bool) -> int:
+    def append(self, payload: pa.Buffer, rows: int, segment_bytes: int, fsync: bool) -> int:
         """Append one frame; returns its base offset. Caller holds no lock."""
         with _locked(self.lock):
             segs = _segments(self.dir)
@@ -153,15 +154,16 @@ class _Partition:
                 base, end, entries = next_offset, 0, entries[:0]
                 idx_path = self.dir / f"{base:020d}.idx"
                 log_path = self.dir / f"{base:020d}.log"
-            frame = _HEADER.pack(_MAGIC, len(payload), 0) + payload
+            frame = _HEADER.size + payload.size
             with log_path.open("r+b" if log_path.exists() else "wb") as log:
                 log.truncate(end)  # drop a torn frame left by a crashed writer
                 log.seek(end)
-                log.write(frame)
+                log.write(_HEADER.pack(_MAGIC, payload.size, 0))
+                log.write(memoryview(payload))
                 log.flush()
                 if fsync:
                     os.fsync(log.fileno())
-            entry = np.array([(next_offset, end, rows, len(frame))], _INDEX).tobytes()
+            entry = np.array([(next_offset, end, rows, frame)], _INDEX).tobytes()
             with idx_path.open("r+b" if idx_path.exists() else "wb") as idx:
                 idx.truncate(len(entries) * _INDEX.itemsize)
                 idx.seek(0, os.SEEK_END)

@@ -265,6 +265,19 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE scores ADD COLUMN sigma {real};
     """,
+    # 5: predictions waiting for a reading are found through the primary key, at
+    # ts = target_ts - lead for each (horizon, lead) ever stored, instead of a
+    # (target_ts, meter_id) index: that index was a sixth of the bytes every
+    # scored reading wrote and a second B-tree per prediction row.
+    """
+    CREATE TABLE prediction_leads (
+        horizon {int} NOT NULL,
+        lead {int} NOT NULL,
+        PRIMARY KEY (horizon, lead)
+    );
+    INSERT INTO prediction_leads SELECT DISTINCT horizon, target_ts - ts FROM predictions;
+    DROP INDEX predictions_target;
+    """,
 ]
 
 
@@ -509,6 +522,24 @@ def prediction_rows(
         if len(lookup):
             actual[lookup] = stored(rows.take(pa.array(lookup)))
     return rows.append_column("actual", pa.array(actual, pa.float64(), from_pandas=True))
+
+
+def prediction_leads(predictions: pa.Table) -> list[tuple[int, int]]:
+    """The distinct ``(horizon, target_ts - ts)`` of ``predictions``, in integer microseconds.
+
+    Stored in ``prediction_leads`` with the predictions: a new reading at
+    ``ts`` is the actual of the predictions keyed ``(ts - lead, meter_id, horizon)``.
+    """
+    if predictions.num_rows == 0:
+        return []
+    lead = pc.subtract(
+        pc.cast(predictions.column("target_ts"), pa.int64()),
+        pc.cast(predictions.column("ts"), pa.int64()),
+    )
+    pairs = pa.table({"horizon": pc.cast(predictions.column("horizon"), pa.int64()), "lead": lead})
+    found = pairs.group_by(["horizon", "lead"]).aggregate([])
+    horizons, leads = found.column("horizon").to_pylist(), found.column("lead").to_pylist()
+    return sorted(zip(horizons, leads, strict=True))
 
 
 def span_table(found: Sequence[tuple[Any, ...]]) -> pa.Table:

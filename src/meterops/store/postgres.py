@@ -77,6 +77,7 @@ from meterops.store._sql import (
     meter_tallies,
     migrations,
     now_us,
+    prediction_leads,
     prediction_rows,
     range_filter,
     returned_keys,
@@ -141,10 +142,13 @@ BY_INDEX = (
     "SET LOCAL enable_seqscan = off"
 )
 FILL_ACTUALS = (
-    "UPDATE predictions p SET actual = r.value FROM _r r "
-    "WHERE p.meter_id = r.meter_id AND p.target_ts = r.ts "
-    "AND p.actual IS NULL AND r.value IS NOT NULL"
+    "WITH w AS MATERIALIZED (SELECT r.ts - l.lead AS ts, r.meter_id, l.horizon, r.value "
+    "FROM _r r CROSS JOIN prediction_leads l WHERE r.value IS NOT NULL) "
+    "UPDATE predictions p SET actual = w.value FROM w "
+    "WHERE p.ts = w.ts AND p.meter_id = w.meter_id AND p.horizon = w.horizon "
+    "AND p.actual IS NULL"
 )
+STORE_LEADS = "INSERT INTO prediction_leads (horizon, lead) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 STORED_VALUES = (
     "SELECT q.i, r.value FROM _q q JOIN readings r ON r.meter_id = q.meter_id AND r.ts = q.ts "
     "WHERE r.value IS NOT NULL"
@@ -637,6 +641,8 @@ class PostgresStore(StreamReads, Store):
                 lambda rows: _stored_values(conn, rows),
             )
             new = _insert_new(conn, "predictions", rows, "actual", PREDICTION_KEY)
+            with conn.cursor() as cur:
+                cur.executemany(STORE_LEADS, prediction_leads(rows))
             made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
             actuals += int(pc.sum(made.column("flag")).as_py() or 0)
         if scored.scores.num_rows:

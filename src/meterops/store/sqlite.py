@@ -12,14 +12,14 @@ prediction row instead of 4), or, where that module did not build or the URL
 says ``?bind=rows``, value by value with ``executemany``: same rows, same SQL.
 
 What the stream scored goes in the same transaction, in key order, straight
-into the keyed tables (a temp table would only add a copy). Stored
-predictions waiting for a new reading get their
-actual by one ``UPDATE ... FROM _in`` through ``predictions_target`` (forced
-with ``INDEXED BY``: without statistics SQLite might scan the time-first
-primary key instead); new predictions get theirs as they are inserted, from the
-batch itself (an Arrow join) or, for the few inside a meter's stored span, from
-one primary-key lookup. A background thread copies the write-ahead log back
-into the database file (see :class:`_Checkpointer`).
+into the keyed tables (a temp table would only add a copy). Stored predictions
+waiting for a new reading get their actual by one ``UPDATE``: the reading's
+value goes to the primary keys ``(ts - lead, meter_id, horizon)``, one per
+(horizon, lead) in ``prediction_leads`` (see :meth:`SQLiteStore._fill_actuals`).
+New predictions get theirs as they are inserted, from the batch itself (an
+Arrow join) or, for the few inside a meter's stored span, from one primary-key
+lookup. A background thread copies the write-ahead log back into the database
+file (see :class:`_Checkpointer`).
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ from meterops.store._sql import (
     NOTHING_INSERTED,
     NOTHING_SCORED,
     ONLINE_METRICS,
+    PREDICTION_KEY,
     RESERVED,
     SQLITE,
     StreamReads,
     accuracy_frame,
     accuracy_sql,
+    by_key,
     check_covariate,
     checkpoint_from,
     checkpoint_rows,
@@ -56,6 +58,7 @@ from meterops.store._sql import (
     meter_tallies,
     migrations,
     now_us,
+    prediction_leads,
     prediction_rows,
     range_filter,
     returned_keys,
@@ -72,11 +75,19 @@ from meterops.types import (
     schema_for,
 )
 
-__all__ = ["SQLiteStore", "build"]
+__all__ = ["FILL_ACTUALS", "SQLiteStore", "build"]
 
 MIGRATIONS: list[str] = migrations(SQLITE)
 _WAL_LIMIT = 16384  # pages (64 MiB of 4 KiB): the writer checkpoints beyond (_Checkpointer)
 
+#: The waiting predictions' update (see :meth:`SQLiteStore._fill_actuals`), ``{waiting}``
+#: the ``mo_columns`` table of ``ts, meter_id, horizon, value``.
+FILL_ACTUALS = (
+    "UPDATE predictions SET actual = w.c3 FROM {waiting}(?) AS w "
+    "WHERE predictions.ts = w.c0 AND predictions.meter_id = w.c1 "
+    "AND predictions.horizon = w.c2 AND predictions.actual IS NULL"
+)
+_STORE_LEADS = "INSERT INTO prediction_leads (horizon, lead) VALUES (?, ?) ON CONFLICT DO NOTHING"
 _CHECKPOINT_UPSERT = (
     "INSERT INTO checkpoints (name, state, offsets, updated_at) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET state = excluded.state, offsets = excluded.offsets, "
@@ -120,6 +131,27 @@ def _pylist(column: pa.ChunkedArray | pa.Array) -> list[Any]:
 def _rows(table: pa.Table) -> Iterator[tuple[Any, ...]]:
     """Rows of ``table`` as tuples (for ``executemany``)."""
     return zip(*(_pylist(column) for column in table.columns), strict=True)
+
+
+def _waiting(fresh: pa.Table, leads: Sequence[tuple[int, int]]) -> pa.Table:
+    """``ts, meter_id, horizon, value``: the key of every prediction each reading of
+    ``fresh`` (with a value) may be the actual of, one per stored (horizon, lead)."""
+    value = fresh.column("value")
+    known = fresh.filter(pc.fill_null(pc.invert(pc.is_nan(value)), False))
+    ts = pc.cast(known.column("ts"), pa.int64())
+    n = known.num_rows
+    parts = [
+        pa.table(
+            {
+                "ts": pc.subtract(ts, lead),
+                "meter_id": known.column("meter_id"),
+                "horizon": pa.array(np.full(n, horizon, np.int64)),
+                "value": known.column("value"),
+            }
+        )
+        for horizon, lead in leads
+    ]
+    return by_key(pa.concat_tables(parts), PREDICTION_KEY)
 
 
 def _marks(schema: pa.Schema) -> str:
@@ -373,15 +405,14 @@ class SQLiteStore(StreamReads, Store):
         if fresh is not None and fresh.num_rows and self._any_predictions():
             # (b) stored predictions waiting for a reading this write inserted; before
             # this batch's predictions go in, which get their actual as they do
-            actuals += self._changes(
-                "UPDATE predictions INDEXED BY predictions_target SET actual = _in.value FROM _in "
-                "WHERE predictions.meter_id = _in.meter_id AND predictions.target_ts = _in.ts "
-                "AND predictions.actual IS NULL AND _in.value IS NOT NULL"
-            )
+            leads = c.execute("SELECT horizon, lead FROM prediction_leads").fetchall()
+            if leads:
+                actuals += self._fill_actuals(_waiting(fresh, leads))
         made = seen = NOTHING_INSERTED
         if scored.predictions.num_rows:
             rows = prediction_rows(scored.predictions, fresh, self._spans, self._stored)
             new = self._insert_new("predictions", rows, "actual", careful)
+            c.executemany(_STORE_LEADS, prediction_leads(rows))
             made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
             actuals += int(pc.sum(made.column("flag")).as_py() or 0)
         if scored.scores.num_rows:
@@ -410,19 +441,44 @@ class SQLiteStore(StreamReads, Store):
         """Run ``{head} <rows> {tail}``: ``head`` an ``INSERT INTO``, ``tail`` a conflict clause.
 
         With :mod:`._native` loaded the rows go as one BLOB of whole columns,
-        else value by value (``executemany``). The virtual table is created
-        in every call: a rolled-back transaction takes it away.
+        else value by value (``executemany``).
         """
         c = self.conn
         if not self.bind_columns:
             c.executemany(f"{head} VALUES ({_marks(rows.schema)}) {tail}", _rows(rows))
             return
-        columns = rows.num_columns
-        c.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{_native.table_sql(columns)}")
         c.execute(
-            f"{head} SELECT * FROM temp.{_native.table_name(columns)}(?) WHERE true {tail}",  # noqa: S608
+            f"{head} SELECT * FROM {self._columns(rows)}(?) WHERE true {tail}",  # noqa: S608
             (_native.pack(rows),),
         )
+
+    def _columns(self, rows: pa.Table) -> str:
+        """The ``mo_columns`` table that reads batches shaped as ``rows``.
+
+        Created in every call: a rolled-back transaction takes it away.
+        """
+        columns = rows.num_columns
+        self.conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{_native.table_sql(columns)}")
+        return f"temp.{_native.table_name(columns)}"
+
+    def _fill_actuals(self, waiting: pa.Table) -> int:
+        """Set ``actual`` of the stored predictions keyed as in ``waiting`` (see
+        :func:`_waiting`) that have none; returns how many were set.
+
+        Each is one primary-key lookup: the batch's keys drive the loop (the
+        virtual table cannot be searched, so SQLite scans it and searches
+        ``predictions``; row by row, each ``UPDATE`` names the whole key).
+        """
+        if not self.bind_columns:
+            before = self.conn.total_changes
+            self.conn.executemany(
+                "UPDATE predictions SET actual = ? "
+                "WHERE ts = ? AND meter_id = ? AND horizon = ? AND actual IS NULL",
+                _rows(waiting.select(["value", "ts", "meter_id", "horizon"])),
+            )
+            return self.conn.total_changes - before
+        sql = FILL_ACTUALS.format(waiting=self._columns(waiting))
+        return self._changes(sql, (_native.pack(waiting),))
 
     def _any_predictions(self) -> bool:
         return bool(self.conn.execute("SELECT EXISTS (SELECT 1 FROM predictions)").fetchone()[0])
