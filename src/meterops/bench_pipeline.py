@@ -316,9 +316,9 @@ def bench_pipeline(
             if k:
                 _store_history(project, history)
             drains.append(_drain_in_process(project, backlog[first], backlog[~first]))
-        seconds = float(np.median(drains))
-        out["readings_per_s"] = round(int((~first).sum()) / seconds, 1)
-        out["readings_per_s_runs"] = [round(int((~first).sum()) / d, 1) for d in drains]
+        seconds, drained = float(np.median(drains)), int((~first).sum())
+        out["readings_per_s"] = round(drained / seconds, 1)
+        out["readings_per_s_runs"] = [round(drained / d, 1) for d in drains]
         out["throughput_seconds"] = round(seconds, 3)
 
         progress(f"latency: {rate:,.0f} readings/s for {latency_seconds:g} s ...")

@@ -154,7 +154,7 @@ class _Partition:
                 base, end, entries = next_offset, 0, entries[:0]
                 idx_path = self.dir / f"{base:020d}.idx"
                 log_path = self.dir / f"{base:020d}.log"
-            frame = _HEADER.size + payload.size
+            frame_bytes = _HEADER.size + payload.size
             with log_path.open("r+b" if log_path.exists() else "wb") as log:
                 log.truncate(end)  # drop a torn frame left by a crashed writer
                 log.seek(end)
@@ -163,7 +163,7 @@ class _Partition:
                 log.flush()
                 if fsync:
                     os.fsync(log.fileno())
-            entry = np.array([(next_offset, end, rows, frame)], _INDEX).tobytes()
+            entry = np.array([(next_offset, end, rows, frame_bytes)], _INDEX).tobytes()
             with idx_path.open("r+b" if idx_path.exists() else "wb") as idx:
                 idx.truncate(len(entries) * _INDEX.itemsize)
                 idx.seek(0, os.SEEK_END)

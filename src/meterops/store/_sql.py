@@ -68,6 +68,7 @@ __all__ = [
     "score_rows",
     "span_table",
     "statements",
+    "store_leads_sql",
     "typed_frame",
 ]
 
@@ -522,6 +523,14 @@ def prediction_rows(
         if len(lookup):
             actual[lookup] = stored(rows.take(pa.array(lookup)))
     return rows.append_column("actual", pa.array(actual, pa.float64(), from_pandas=True))
+
+
+def store_leads_sql(mark: str) -> str:
+    """The insert of :func:`prediction_leads` rows; ``mark`` is the dialect's placeholder."""
+    return (
+        f"INSERT INTO prediction_leads (horizon, lead) VALUES ({mark}, {mark}) "  # noqa: S608 - placeholders only
+        "ON CONFLICT DO NOTHING"
+    )
 
 
 def prediction_leads(predictions: pa.Table) -> list[tuple[int, int]]:

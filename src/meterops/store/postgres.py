@@ -84,6 +84,7 @@ from meterops.store._sql import (
     score_rows,
     span_table,
     statements,
+    store_leads_sql,
 )
 from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
 from meterops.types import (
@@ -148,7 +149,6 @@ FILL_ACTUALS = (
     "WHERE p.ts = w.ts AND p.meter_id = w.meter_id AND p.horizon = w.horizon "
     "AND p.actual IS NULL"
 )
-STORE_LEADS = "INSERT INTO prediction_leads (horizon, lead) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 STORED_VALUES = (
     "SELECT q.i, r.value FROM _q q JOIN readings r ON r.meter_id = q.meter_id AND r.ts = q.ts "
     "WHERE r.value IS NOT NULL"
@@ -642,7 +642,7 @@ class PostgresStore(StreamReads, Store):
             )
             new = _insert_new(conn, "predictions", rows, "actual", PREDICTION_KEY)
             with conn.cursor() as cur:
-                cur.executemany(STORE_LEADS, prediction_leads(rows))
+                cur.executemany(store_leads_sql("%s"), prediction_leads(rows))
             made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
             actuals += int(pc.sum(made.column("flag")).as_py() or 0)
         if scored.scores.num_rows:

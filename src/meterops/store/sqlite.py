@@ -65,6 +65,7 @@ from meterops.store._sql import (
     score_rows,
     span_table,
     statements,
+    store_leads_sql,
 )
 from meterops.store.base import Checkpoint, Scored, Store, StoreCounts, WriteResult
 from meterops.types import (
@@ -87,7 +88,6 @@ FILL_ACTUALS = (
     "WHERE predictions.ts = w.c0 AND predictions.meter_id = w.c1 "
     "AND predictions.horizon = w.c2 AND predictions.actual IS NULL"
 )
-_STORE_LEADS = "INSERT INTO prediction_leads (horizon, lead) VALUES (?, ?) ON CONFLICT DO NOTHING"
 _CHECKPOINT_UPSERT = (
     "INSERT INTO checkpoints (name, state, offsets, updated_at) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET state = excluded.state, offsets = excluded.offsets, "
@@ -412,7 +412,7 @@ class SQLiteStore(StreamReads, Store):
         if scored.predictions.num_rows:
             rows = prediction_rows(scored.predictions, fresh, self._spans, self._stored)
             new = self._insert_new("predictions", rows, "actual", careful)
-            c.executemany(_STORE_LEADS, prediction_leads(rows))
+            c.executemany(store_leads_sql("?"), prediction_leads(rows))
             made = pa.table({"meter_id": new.column(0), "flag": pc.is_valid(new.column(1))})
             actuals += int(pc.sum(made.column("flag")).as_py() or 0)
         if scored.scores.num_rows:
