@@ -141,8 +141,13 @@ class Pipeline:
     @property
     def bus(self) -> Bus:
         if self._bus is None:
-            self._bus = make_bus(self.settings).open()
-            self._bus.create_topics(TOPICS)
+            bus = make_bus(self.settings).open()
+            try:
+                bus.create_topics(TOPICS)
+            except BaseException:
+                bus.close()
+                raise
+            self._bus = bus
         return self._bus
 
     @property
@@ -164,11 +169,17 @@ class Pipeline:
         return self._producer
 
     def publish(self, batches: Iterable[ReadingBatch], topic: str = READINGS) -> Iterator[int]:
-        """Send each batch to ``topic``; yields the rows sent per batch (for progress)."""
+        """Send each batch to ``topic``; yields the rows sent per batch (for progress).
+
+        A bus that cannot be reached yet (a broker restarting) is waited for
+        like the worker waits, ``worker.retry_for`` s; once connected, the
+        client itself queues and retries the sends.
+        """
+        producer = retrying(self.settings.worker.retry_for, "bus", lambda: self.producer)
         for batch in batches:
-            self.producer.send(topic, batch.table)
+            producer.send(topic, batch.table)
             yield len(batch)
-        self.producer.flush()
+        producer.flush()
 
     def worker(self) -> Worker:
         return Worker(self)

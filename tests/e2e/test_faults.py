@@ -59,3 +59,25 @@ def test_postgres_restart_mid_stream(
 ) -> None:
     point_at(workdir, kafka_url, postgres_url)
     run_with_outage(workdir, cli, postgres_service, outage=5.0)
+
+
+def test_a_replay_started_while_the_broker_is_down_waits_for_it(
+    workdir: Path, cli: Run, kafka_service: Service, kafka_url: str, postgres_url: str
+) -> None:
+    point_at(workdir, kafka_url, postgres_url)
+    truth = stream_file(workdir / "stream.csv", meters=20, steps=48)
+    kafka_service.stop()
+    try:
+        replay = subprocess.Popen(
+            cli_command("replay", "stream.csv"), cwd=workdir, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(20.0)  # longer than one connection attempt waits (15 s)
+        assert replay.poll() is None, "replay gave up instead of waiting for the broker"
+    finally:
+        kafka_service.start()
+    _, stderr = replay.communicate(timeout=300)
+    assert replay.returncode == 0, stderr
+    assert "bus unavailable" in stderr  # it said what it waits for
+    cli("worker", "--until-idle")
+    status = json.loads(cli("status", "--format", "json").stdout)
+    assert status["readings"] == len(truth)  # every row was sent once the broker came back

@@ -311,7 +311,10 @@ class KafkaConsumer(Consumer):
         self._group = group
         self._topics = list(topics)
         self._rows_per_message = 0.0  # running estimate, to size consume() calls
-        self._revoked: set[TopicPartition] = set()  # during the poll in progress
+        # The messages of the poll in progress: a revocation inside it drops
+        # those of the partitions taken away (fetched before; the next owner,
+        # maybe this member again, reads them from the committed offset).
+        self._pending: list[Message] = []
         self._joined_at: float | None = None  # first assignment (even an empty one)
         # Replaced (never mutated) by the callbacks, so other threads read a snapshot.
         self._assigned: frozenset[TopicPartition] = frozenset()
@@ -338,15 +341,22 @@ class KafkaConsumer(Consumer):
         self._set_assigned(self._assigned | {self._tp(p) for p in partitions}, "")
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
-        gone = {self._tp(p) for p in partitions}
-        self._revoked |= gone
-        self._set_assigned(self._assigned - gone, "revoked")
+        self._release({self._tp(p) for p in partitions}, "revoked")
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         """The group went on without us (e.g. missed heartbeats): others own these now."""
-        gone = {self._tp(p) for p in partitions}
-        self._revoked |= gone
-        self._set_assigned(self._assigned - gone, "lost")
+        self._release({self._tp(p) for p in partitions}, "lost")
+
+    def _release(self, gone: set[TopicPartition], why: str) -> None:
+        """Forget the partitions and the messages of them fetched so far in this poll.
+
+        Only those fetched so far: when the group hands a partition back
+        within the same poll, what it fetches afterwards (from the committed
+        offset) is this member's to return, and dropping it would lose it,
+        since the client's position is already past it.
+        """
+        self._pending[:] = [m for m in self._pending if (m.topic, m.partition) not in gone]
+        self._set_assigned(self._assigned - gone, why)
 
     def _set_assigned(self, assigned: Iterable[TopicPartition], why: str) -> None:
         before, self._assigned = self._assigned, frozenset(assigned)
@@ -372,15 +382,15 @@ class KafkaConsumer(Consumer):
         ``JOIN_TIMEOUT`` s) until it has joined its group, the timeout counts
         from then, and while an owned partition has not yet reported its end
         offset or is known to hold unread messages the wait is extended by up
-        to ``CATCH_UP_GRACE`` s. Messages of partitions revoked during this
-        call are dropped (their new owner reads them from the committed offset).
+        to ``CATCH_UP_GRACE`` s. Messages of a partition revoked during this
+        call, fetched before the revocation, are dropped: their new owner
+        reads them from the committed offset (see :meth:`_release`).
         """
         consumer = self._live()
         kafka = _kafka()
         start = time.monotonic()
-        out: list[Message] = []
+        out = self._pending = []
         rows = 0
-        self._revoked = set()
         while rows < max_rows:
             now = time.monotonic()
             if out:
@@ -419,9 +429,8 @@ class KafkaConsumer(Consumer):
                     log.debug("Kafka consumer: %s", err)
                     continue
                 out.append(self._message(msg))
-                rows += out[-1].table.num_rows
-        if self._revoked:
-            out = [m for m in out if (m.topic, m.partition) not in self._revoked]
+            rows = sum(m.table.num_rows for m in out)  # a revocation may have dropped some
+        self._pending = []
         if out:
             seen = sum(len(m) for m in out) / len(out)
             self._rows_per_message = (

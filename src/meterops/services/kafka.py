@@ -233,7 +233,8 @@ class KafkaService(Service):
         )
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
         if done.returncode != 0:
-            raise BackendError(f"formatting Kafka storage failed:\n{done.stdout[-2000:]}")
+            said = (done.stdout + done.stderr)[-3000:]
+            raise BackendError(f"formatting Kafka storage failed (exit {done.returncode}):\n{said}")
 
     def start(self) -> KafkaService:
         """Start the broker (formatting storage the first time) and wait until it serves."""
@@ -264,9 +265,17 @@ class KafkaService(Service):
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        """Until a metadata request answers with this broker (not just an open port)."""
+        """Until the broker can host a new partition (not just an open port).
+
+        A metadata answer is not enough: a KRaft broker that restarts stays
+        "fenced" until the controller has seen it catch up, and until then
+        every topic creation fails with INVALID_REPLICATION_FACTOR. A
+        validate-only creation runs the controller's replica placement
+        without creating anything, so it succeeds exactly when that is over.
+        """
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
+        from confluent_kafka.cimpl import NewTopic
 
         config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap,
@@ -281,8 +290,10 @@ class KafkaService(Service):
                     f"Kafka exited while starting; log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             try:
-                meta = admin.list_topics(timeout=1.0)
-                if meta.brokers:
+                if admin.list_topics(timeout=1.0).brokers:
+                    probe = NewTopic("meterops-readiness-probe", 1, 1)
+                    futures = admin.create_topics([probe], validate_only=True, request_timeout=1.0)
+                    futures[probe.topic].result()
                     return
             except KafkaException:
                 pass
