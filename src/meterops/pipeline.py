@@ -42,6 +42,7 @@ from meterops.bus.base import (
 )
 from meterops.errors import ConfigError, Unavailable
 from meterops.lake import Lake
+from meterops.models.compiled import cores_reserved
 from meterops.settings import Settings, redact_url
 from meterops.store.base import RecentReadings, Scored, Store
 from meterops.types import (
@@ -528,16 +529,17 @@ class Worker:
         report = on_batch or (lambda _stats, _totals: None)
         pipelined = ":memory:" not in self.settings.backends.store
         try:
-            while not stop.is_set():
-                if not pipelined:
-                    stats = self.step()
-                    if stats is not None:
-                        report(stats, self.totals)
-                    elif until_idle:
+            with cores_reserved(1 if pipelined else 0):  # the writer thread's core
+                while not stop.is_set():
+                    if not pipelined:
+                        stats = self.step()
+                        if stats is not None:
+                            report(stats, self.totals)
+                        elif until_idle:
+                            break
+                        continue
+                    if not self._step_pipelined(report) and until_idle:
                         break
-                    continue
-                if not self._step_pipelined(report) and until_idle:
-                    break
         finally:
             try:
                 self._settle(report)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meterops.models.compiled import CompiledBoosters, compile_booster
+from meterops.models.compiled import CompiledBoosters, compile_booster, cores_reserved
 from meterops.models.gbm import GBMForecaster
 from meterops.settings import ScoringSettings
 from meterops.stream import ChampionScorer, LoadedModel
@@ -66,3 +66,33 @@ def test_a_failed_compile_leaves_lightgbm_serving(model: GBMForecaster, tmp_path
     compiled = CompiledBoosters({1: model.boosters_[1]}, blocked)
     assert compiled.wait(60)
     assert compiled.get(1) is None
+
+
+def test_reserved_cores_leave_compiled_scoring_fewer_threads_with_the_same_numbers(
+    model: GBMForecaster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lleaves
+
+    jobs: list[int] = []
+    real = lleaves.Model.predict
+
+    def predict(self: lleaves.Model, x: np.ndarray, n_jobs: int = 1) -> np.ndarray:
+        jobs.append(n_jobs)
+        return real(self, x, n_jobs=n_jobs)
+
+    monkeypatch.setattr(lleaves.Model, "predict", predict)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    booster = model.boosters_[24]["yhat"]
+    x = np.random.default_rng(1).normal(size=(30_000, booster.num_feature())).astype(np.float32)
+    fast = compile_booster(booster, tmp_path)
+    free = fast(x)
+    with cores_reserved(1):
+        with cores_reserved(1):  # two writers: two cores
+            twice = fast(x)
+        once = fast(x)
+    after = fast(x)
+    with cores_reserved(8):  # never below one thread
+        floor = fast(x)
+    assert jobs == [4, 2, 3, 4, 1]
+    for out in (twice, once, after, floor):
+        np.testing.assert_array_equal(out, free)
