@@ -123,7 +123,10 @@ class ValidationSettings(_Section):
 
 class WorkerSettings(_Section):
     group: str = "workers"
-    batch_rows: int = Field(100_000, ge=1)
+    # Scoring one micro-batch overlaps writing the previous one, so the first
+    # and last are not overlapped: 50,000 drained 480,000 readings at 54,500/s
+    # against 51,700/s with 100,000 (bench fleet, mean of three drains).
+    batch_rows: int = Field(50_000, ge=1)
     poll_timeout: float = Field(0.5, gt=0)
     retry_for: float = Field(300.0, ge=0)  # keep retrying an unreachable backend this long
 
@@ -325,7 +328,7 @@ require_registration = false  # true: readings of unregistered meters are reject
 
 [worker]
 group = "workers"         # consumer group: workers in one group share partitions
-batch_rows = 100000       # micro-batch size
+batch_rows = 50000        # micro-batch size
 poll_timeout = 0.5        # seconds to wait for new readings
 retry_for = 300           # seconds to keep retrying an unreachable bus or store (backoff)
 
